@@ -1,0 +1,150 @@
+"""Idempotent building blocks (what patchwork would have given, done right).
+
+Each helper returns a Step: probes that read the host, a pure plan that compares
+them with what we want, and the shell that closes the gap. Nothing is written
+when the host already matches, so a second run reports `ok`.
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import shlex
+from typing import Iterable
+
+from .steps import Change, Facts, Plan, Step
+
+BACKUP_DIR = "/var/backups/coachntt-ops"
+APT = "DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300"
+
+
+def q(value: str) -> str:
+    return shlex.quote(value)
+
+
+def write_file_command(path: str, content: str, mode: str, owner: str, validate: str = "", then: str = "") -> str:
+    """Shell that writes `content` atomically; on a failed `validate` the old file comes back.
+
+    Content travels inline (base64 inside the command), so a small file costs no
+    SFTP session. The previous version is kept under BACKUP_DIR, outside any
+    directory a service includes wholesale (nginx would load a backup in sites-enabled).
+    """
+    payload = base64.b64encode(content.encode()).decode()
+    backup = f"{BACKUP_DIR}/{path.strip('/').replace('/', '__')}"
+    lines = [
+        f"mkdir -p {BACKUP_DIR} && chmod 700 {BACKUP_DIR}",
+        f"mkdir -p \"$(dirname {q(path)})\"",
+        f"tmp=$(mktemp {q(path)}.coachntt.XXXXXX)",
+        f"printf %s {payload} | base64 -d > \"$tmp\"",
+        f"chmod {mode} \"$tmp\" && chown {owner} \"$tmp\"",
+        f"had_old=no; if [ -e {q(path)} ]; then cp -p {q(path)} {q(backup)}; had_old=yes; fi",
+        f"mv -f \"$tmp\" {q(path)}",
+    ]
+    if validate:
+        restore = f"if [ $had_old = yes ]; then cp -p {q(backup)} {q(path)}; else rm -f {q(path)}; fi"
+        lines.append(f"if ! {validate}; then {restore}; echo 'validation failed, previous file restored' >&2; exit 97; fi")
+    if then:
+        lines.append(then)
+    return "\n".join(lines)
+
+
+def file_step(
+    name: str,
+    path: str,
+    content: str,
+    *,
+    mode: str = "0644",
+    owner: str = "root:root",
+    validate: str = "",
+    then: str = "",
+    secret: bool = False,
+) -> Step:
+    """Ensure `path` holds exactly `content` with `mode` and `owner`."""
+
+    def plan(facts: Facts) -> Plan:
+        current, meta = facts["content"], facts["meta"]
+        want_meta = f"{int(mode, 8):o} {owner}"
+        size = f"{len(content.encode())} bytes, mode {mode}, {owner}"
+        if not current.ok:
+            return Plan.change(Change(f"create {path} ({size})", write_file_command(path, content, mode, owner, validate, then), "" if secret else _diff(path, "", content)))
+        if current.stdout != content.rstrip("\n"):
+            return Plan.change(Change(f"update {path} ({size})", write_file_command(path, content, mode, owner, validate, then), "" if secret else _diff(path, current.stdout + "\n", content)))
+        if meta.stdout.strip() != want_meta:
+            return Plan.change(Change(f"set {path} to mode {mode}, owner {owner} (was {meta.stdout.strip()})", f"chmod {mode} {q(path)} && chown {owner} {q(path)}"))
+        return Plan.ok(f"{path} up to date")
+
+    return Step(
+        name,
+        probes={"content": f"cat -- {q(path)}", "meta": f"stat -c '%a %U:%G' -- {q(path)}"},
+        plan=plan,
+    )
+
+
+def line_step(name: str, path: str, line: str, *, replaces: str = "", mode: str = "0644") -> Step:
+    """Ensure `line` is in `path`; lines matching the regex `replaces` are removed first."""
+
+    def plan(facts: Facts) -> Plan:
+        lines = facts["lines"].lines if facts["lines"].ok else []
+        if line in lines:
+            return Plan.ok(f"line present in {path}")
+        if replaces:
+            command = (
+                f"touch {q(path)} && tmp=$(mktemp) && "
+                f"{{ grep -vE -- {q(replaces)} {q(path)} || true; }} > \"$tmp\" && "
+                f"printf '%s\\n' {q(line)} >> \"$tmp\" && chmod {mode} \"$tmp\" && mv -f \"$tmp\" {q(path)}"
+            )
+        else:
+            command = f"printf '%s\\n' {q(line)} >> {q(path)}"
+        return Plan.change(Change(f"add line to {path}: {line}", command))
+
+    return Step(name, probes={"lines": f"cat -- {q(path)}"}, plan=plan)
+
+
+def packages_step(name: str, packages: Iterable[str]) -> Step:
+    """Ensure Debian packages are installed (apt, non-interactive, waits for the dpkg lock)."""
+    wanted = list(packages)
+
+    def plan(facts: Facts) -> Plan:
+        installed = {
+            fields[0].split(":")[0]
+            for fields in (line.split() for line in facts["status"].lines)
+            if len(fields) >= 2 and fields[-1] == "installed"
+        }
+        missing = [p for p in wanted if p not in installed]
+        if not missing:
+            return Plan.ok(f"installed: {' '.join(wanted)}")
+        return Plan.change(
+            Change(
+                f"apt install {' '.join(missing)}",
+                f"{APT} update && {APT} install --no-install-recommends {' '.join(q(p) for p in missing)}",
+            )
+        )
+
+    probe = "dpkg-query -W -f='${Package} ${db:Status-Status}\\n' " + " ".join(q(p) for p in wanted)
+    return Step(name, probes={"status": probe}, plan=plan)
+
+
+def service_step(name: str, unit: str, *, enabled: bool = True, running: bool = True) -> Step:
+    """Ensure a systemd unit is enabled and running."""
+
+    def plan(facts: Facts) -> Plan:
+        is_enabled = facts["enabled"].stdout.strip() in ("enabled", "static", "alias")
+        is_active = facts["active"].stdout.strip() == "active"
+        commands = []
+        if enabled and not is_enabled:
+            commands.append(Change(f"enable {unit}", f"systemctl enable {q(unit)}"))
+        if running and not is_active:
+            commands.append(Change(f"start {unit}", f"systemctl start {q(unit)}"))
+        if not commands:
+            return Plan.ok(f"{unit} enabled and running")
+        return Plan.change(*commands)
+
+    return Step(
+        name,
+        probes={"enabled": f"systemctl is-enabled {q(unit)}", "active": f"systemctl is-active {q(unit)}"},
+        plan=plan,
+    )
+
+
+def _diff(path: str, old: str, new: str) -> str:
+    return "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"{path} (host)", f"{path} (wanted)"))

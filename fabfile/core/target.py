@@ -1,0 +1,217 @@
+"""Who runs a command: the host a task works on, local or over SSH.
+
+A task gets one Target and never asks which kind it is:
+
+    fab -H coachntt@host release   -> RemoteTarget over one hardened SSH connection
+    inv release  (COACHNTT_HOST=)  -> RemoteTarget to the configured host
+    inv backup.now  (on the server)-> LocalTarget through invoke's Context
+
+Remote connections check host keys (~/.ssh/known_hosts plus the project's own
+file; unknown keys are refused unless COACHNTT_ACCEPT_NEW_HOST_KEY=1 accepts
+them once), set TCP_NODELAY, and count round trips so benchmarks can report them.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import paramiko
+from fabric import Connection
+
+from . import redact
+from .errors import ConfigError, HostKeyError, RemoteCommandError, from_connection_failure
+from .settings import Settings
+
+SUDO_PASSWORD_HINT = (
+    "the login user needs passwordless sudo: run `secure` as root once "
+    "(it installs a validated sudoers drop-in), or log in as root"
+)
+
+
+@dataclass(frozen=True)
+class Result:
+    command: str
+    stdout: str
+    stderr: str
+    exit_status: int
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+
+class Target:
+    """Runs shell on one host. Subclasses supply `_execute` and the file copies."""
+
+    label = "local"
+    is_root = False
+
+    def __init__(self) -> None:
+        self.round_trips = 0
+
+    def run(self, command: str, *, sudo: bool = False, check: bool = True, timeout: int | None = None) -> Result:
+        """Run `command` with sh; as root when `sudo` (sudo -n: never a prompt)."""
+        wrapped = command
+        if sudo and not self.is_root:
+            wrapped = f"sudo -n -- sh -c {shlex.quote(command)}"
+        self.round_trips += 1
+        result = self._execute(wrapped, timeout)
+        result = Result(command, result.stdout, result.stderr, result.exit_status)
+        if check and not result.ok:
+            raise command_failed(result, self.label)
+        return result
+
+    def _execute(self, command: str, timeout: int | None) -> Result:
+        raise NotImplementedError
+
+    def put_file(self, local: str | Path, remote: str) -> None:
+        raise NotImplementedError
+
+    def get_file(self, remote: str, local: str | Path) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def command_failed(result: Result, where: str, what: str = "") -> RemoteCommandError:
+    """One line for a failed command: what ran (or `what` it was for), where, how it ended."""
+    if not what:
+        first_line = result.command.strip().splitlines()[0] if result.command.strip() else "(empty)"
+        what = f"`{first_line[:77] + '...' if len(first_line) > 80 else first_line}`"
+    stderr = result.stderr.strip()
+    if "a password is required" in stderr or "a terminal is required" in stderr:
+        hint = SUDO_PASSWORD_HINT
+    else:
+        last = (stderr or result.stdout.strip()).splitlines()
+        hint = last[-1] if last else "no output; rerun with the same command by hand to see more"
+    return RemoteCommandError(
+        redact.redact(f"{what} failed on {where} (exit {result.exit_status})"),
+        redact.redact(hint),
+        exit_status=result.exit_status,
+        output=redact.redact(result.stdout + result.stderr),
+    )
+
+
+class LocalTarget(Target):
+    """The machine `inv` runs on (the server itself, for on-server tasks)."""
+
+    def __init__(self, context: Any):
+        super().__init__()
+        self.context = context
+        self.label = f"{os.environ.get('USER', 'local')}@localhost"
+        self.is_root = os.geteuid() == 0
+
+    def _execute(self, command: str, timeout: int | None) -> Result:
+        r = self.context.run(command, hide=True, warn=True, in_stream=False, timeout=timeout, shell="/bin/sh")
+        return Result(command, r.stdout, r.stderr, r.exited)
+
+    def put_file(self, local: str | Path, remote: str) -> None:
+        self.run(f"cp {shlex.quote(str(local))} {shlex.quote(remote)}")
+
+    def get_file(self, remote: str, local: str | Path) -> None:
+        self.run(f"cp {shlex.quote(remote)} {shlex.quote(str(local))}")
+
+
+class RemoteTarget(Target):
+    """A host over exactly one SSH connection, opened with our safety settings."""
+
+    def __init__(self, connection: Connection, settings: Settings, environ: Mapping[str, str] | None = None):
+        super().__init__()
+        self.connection = connection
+        self.label = f"{connection.user}@{connection.host}" + (f":{connection.port}" if connection.port != 22 else "")
+        self.is_root = connection.user == "root"
+        environ = os.environ if environ is None else environ
+        try:
+            open_hardened(connection, settings, accept_new=environ.get("COACHNTT_ACCEPT_NEW_HOST_KEY") == "1")
+        except Exception as exc:
+            mapped = from_connection_failure(exc, self.label)
+            if mapped is None:
+                raise
+            raise mapped from None
+
+    def _execute(self, command: str, timeout: int | None) -> Result:
+        r = self.connection.run(command, hide=True, warn=True, in_stream=False, timeout=timeout)
+        return Result(command, r.stdout, r.stderr, r.exited)
+
+    def put_file(self, local: str | Path, remote: str) -> None:
+        self.round_trips += 1
+        self.connection.put(str(local), remote)
+
+    def get_file(self, remote: str, local: str | Path) -> None:
+        self.round_trips += 1
+        self.connection.get(remote, str(local))
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def known_hosts_file(settings: Settings) -> Path:
+    return Path(os.path.expanduser(os.environ.get("COACHNTT_KNOWN_HOSTS") or settings.get("ssh.known_hosts")))
+
+
+class RefuseUnknownHostKey(paramiko.MissingHostKeyPolicy):
+    """Fabric's default silently trusts any new server; we refuse and say how to opt in."""
+
+    def missing_host_key(self, client, hostname, key):
+        raise HostKeyError(
+            f"unknown host key for {hostname} ({key.get_name()} {fingerprint(key)})",
+            "verify the fingerprint with your provider's console, then rerun once "
+            "with COACHNTT_ACCEPT_NEW_HOST_KEY=1 to record it",
+        )
+
+
+class AcceptOnceAndRecord(paramiko.MissingHostKeyPolicy):
+    """The explicit opt-in: record the new key in the project's known_hosts."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def missing_host_key(self, client, hostname, key):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as fh:
+            fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        print(f"recorded new host key for {hostname}: {key.get_name()} {fingerprint(key)} in {self.path}")
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    import base64
+    import hashlib
+
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def open_hardened(connection: Connection, settings: Settings, *, accept_new: bool = False) -> None:
+    """Open `connection` with strict host keys, a timeout and TCP_NODELAY."""
+    known = known_hosts_file(settings)
+    client = connection.client
+    client.load_system_host_keys()
+    if known.is_file():
+        client.load_host_keys(str(known))
+    client.set_missing_host_key_policy(AcceptOnceAndRecord(known) if accept_new else RefuseUnknownHostKey())
+    timeout = int(settings.get("ssh.connect_timeout", 10))
+    # Our own socket so TCP_NODELAY is on before the first byte: SSH is a
+    # chatty request/response protocol and Nagle's delay costs every round trip.
+    sock = socket.create_connection((connection.host, connection.port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    connection.connect_kwargs["sock"] = sock
+    connection.connect_timeout = timeout
+    connection.open()
+
+
+def target_for(c: Any, settings: Settings) -> Target:
+    """The Target for this run: the -H host, else the configured host, else local."""
+    if isinstance(c, Connection):
+        return RemoteTarget(c, settings)
+    host = settings.get("host")
+    if host:
+        if not isinstance(host, str) or " " in host:
+            raise ConfigError(f"COACHNTT_HOST must be user@host[:port], got '{host}'", "fix .env." + settings.env)
+        return RemoteTarget(Connection(host, config=c.config), settings)
+    return LocalTarget(c)

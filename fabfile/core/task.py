@@ -1,0 +1,123 @@
+"""The task decorator: every task gets the same flags, the same `ops` handle,
+and the same one-line error handling under both `fab` and `inv`.
+
+    @ops_task(help={"sha": "commit to deploy"})
+    def deploy(ops, sha=""):
+        ops.run_steps([...])
+
+`ops` carries the settings, the target (connected on first use, so argument
+validation happens before any connection), the reporter and the plan flag.
+Every task accepts --dry (print the plan, change nothing) and --json.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+from fabric import task as fabric_task
+from invoke.exceptions import Exit
+
+from . import redact, settings as settings_module
+from .errors import OpsError, UsageError, from_connection_failure
+from .steps import Plan, Reporter, Step, run_steps
+from .target import Target, target_for
+
+COMMON_HELP = {
+    "dry": "show what would change (reads facts only, changes nothing)",
+    "json": "print one JSON object per line for machines",
+}
+
+
+class Ops:
+    """What a task body works with: settings, target, reporter, dry flag."""
+
+    def __init__(self, context: Any, *, dry: bool = False, json: bool = False):
+        self.context = context
+        self.dry = dry
+        self.json = json
+        self.settings = settings_module.from_context(context)
+        self._target: Target | None = None
+        self._reporter: Reporter | None = None
+
+    @property
+    def where(self) -> str:
+        host = getattr(self.context, "host", None)
+        if host:
+            user = getattr(self.context, "user", "")
+            return f"{user}@{host}" if user else host
+        return self.settings.get("host") or "localhost"
+
+    @property
+    def target(self) -> Target:
+        if self._target is None:
+            self._target = target_for(self.context, self.settings)
+        return self._target
+
+    @property
+    def reporter(self) -> Reporter:
+        if self._reporter is None:
+            self._reporter = Reporter(self.where, json=self.json)
+        return self._reporter
+
+    def run_steps(self, steps: list[Step]) -> dict[str, Plan]:
+        return run_steps(self.target, steps, self.reporter, dry=self.dry)
+
+    def finish(self) -> None:
+        if self._reporter is not None and self._target is not None:
+            self._reporter.summary(self._target.round_trips)
+        if self._target is not None:
+            self._target.close()
+
+
+def ops_task(*args: Any, **kwargs: Any) -> Any:
+    """Like @task, for bodies that take `ops` instead of a Context."""
+
+    def decorate(body: Callable[..., Any]) -> Any:
+        @functools.wraps(body)
+        def run(c: Any, *a: Any, dry: bool = False, json: bool = False, **kw: Any) -> Any:
+            ops = None
+            try:
+                ops = Ops(c, dry=dry, json=json)
+                return body(ops, *a, **kw)
+            except Exception as exc:
+                raise as_exit(exc, ops.where if ops else "localhost") from None
+            finally:
+                if ops is not None:
+                    ops.finish()
+
+        # invoke reads the signature to build CLI flags: the body's own
+        # parameters (minus `ops`) plus the flags every task shares.
+        params = list(inspect.signature(body).parameters.values())[1:]
+        shared = [
+            inspect.Parameter("dry", inspect.Parameter.KEYWORD_ONLY, default=False),
+            inspect.Parameter("json", inspect.Parameter.KEYWORD_ONLY, default=False),
+        ]
+        context = inspect.Parameter("c", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        run.__signature__ = inspect.Signature([context, *params, *shared])  # type: ignore[attr-defined]
+        kwargs["help"] = {**COMMON_HELP, **kwargs.get("help", {})}
+        return fabric_task(run, **kwargs)
+
+    if len(args) == 1 and callable(args[0]) and not kwargs:
+        return decorate(args[0])
+    return decorate
+
+
+def as_exit(exc: Exception, where: str) -> Exception:
+    """An OpsError (or a connection failure we recognise) -> invoke's Exit: one line, a code."""
+    error = exc if isinstance(exc, OpsError) else from_connection_failure(exc, where)
+    if error is None:
+        return exc
+    return Exit(redact.redact(f"error: {error.one_line()}"), code=error.exit_code)
+
+
+def not_implemented(name: str, issue: str) -> Any:
+    """A placeholder that fails honestly until its issue lands."""
+
+    @ops_task(name=name)
+    def placeholder(ops: Ops) -> None:
+        raise UsageError(f"{name} is not implemented yet", f"it arrives with {issue}")
+
+    placeholder.__doc__ = f"(not implemented yet: {issue})"
+    return placeholder
