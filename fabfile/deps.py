@@ -1,15 +1,23 @@
 """deps: what the server needs installed — nginx, certbot, Docker + compose v2.
 
-Runbook:
-    check    print the version of each dependency (one round trip)
-    (install arrives with the secure/deps/nginx issue)
+Runbook (`fab -H coachntt@HOST deps`):
+    1. web packages      nginx, certbot, python3-certbot-nginx, curl
+    2. Docker            a working Docker + compose plugin is kept as it is
+                         (the provider's image may have it); otherwise the
+                         distribution's docker.io and compose v2 plugin
+    3. Docker running    enabled at boot
+`deps.check` prints the version of each (one round trip).
 """
 
 from invoke import Collection
 
+from .core import remote, templates
 from .core.batch import gather
 from .core.errors import OpsError
-from .core.task import not_implemented, ops_task
+from .core.steps import Change, Facts, Plan, Step
+from .core.task import ops_task
+
+WEB_PACKAGES = ["nginx", "certbot", "python3-certbot-nginx", "curl", "ca-certificates"]
 
 VERSION_PROBES = {
     "nginx": "nginx -v 2>&1 | sed 's/^nginx version: //'",
@@ -18,6 +26,32 @@ VERSION_PROBES = {
     "compose": "docker compose version --short 2>&1",
     "curl": "curl --version | head -n 1",
 }
+
+
+def docker_step() -> Step:
+    def plan(facts: Facts) -> Plan:
+        docker, compose = facts["docker"], facts["compose"]
+        if docker.ok and compose.ok:
+            return Plan.ok(f"keeping Docker {docker.stdout} with compose {compose.stdout}")
+        missing = [name for name, probe in (("Docker Engine", docker), ("compose v2 plugin", compose)) if not probe.ok]
+        return Plan.change(Change(f"install {' and '.join(missing)} from the distribution", templates.script("install-docker.sh")))
+
+    return Step(
+        "docker + compose",
+        probes={"docker": VERSION_PROBES["docker"], "compose": VERSION_PROBES["compose"]},
+        plan=plan,
+    )
+
+
+@ops_task(default=True)
+def install(ops):
+    """Install nginx, certbot and Docker + compose v2 (keeps a working Docker)."""
+    ops.run_steps([
+        remote.packages_step("web packages", WEB_PACKAGES),
+        docker_step(),
+        remote.service_step("docker running", "docker"),
+        remote.service_step("nginx running", "nginx"),
+    ])
 
 
 @ops_task
@@ -35,5 +69,5 @@ def check(ops):
 
 
 ns = Collection("deps")
-ns.add_task(not_implemented("deps", "the secure/deps/nginx issue"), name="install", default=True)
+ns.add_task(install, default=True)
 ns.add_task(check)

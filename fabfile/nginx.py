@@ -1,8 +1,108 @@
-"""nginx: not built yet — its tasks exit 2 until its issue lands."""
+"""nginx: the reverse proxy in front of the API, Grafana and staging.
+
+Runbook (`fab -H coachntt@HOST nginx`):
+    1. site config     conf.d/coachntt.conf from configs/nginx/coachntt.conf.j2:
+                       api / metrics / staging servers, /ws upgrade, rate limit,
+                       security headers; `nginx -t` before reload, the previous
+                       file restored if the test fails
+    2. default site    removed, so only our servers answer
+    3. nginx running
+`nginx.status` shows whether nginx runs, its config test, and what each domain answers.
+"""
+
+from __future__ import annotations
+
+import re
 
 from invoke import Collection
 
-from .core.task import not_implemented
+from .core import remote, templates
+from .core.batch import gather
+from .core.errors import OpsError, UsageError
+from .core.steps import Change, Facts, Plan, Step
+from .core.task import ops_task
+
+SITE_FILE = "/etc/nginx/conf.d/coachntt.conf"
+DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
+SITE_NAMES = ("api", "metrics", "staging")
+TEST_AND_RELOAD = "systemctl reload nginx || systemctl restart nginx"
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+_UPSTREAM = re.compile(r"^[A-Za-z0-9.-]+:\d{1,5}$")
+_RATE = re.compile(r"^\d+r/[sm]$")
+
+
+def site_settings(settings) -> list[dict]:
+    """Validated site list from settings; bad values fail before any connection."""
+    sites = []
+    for name in SITE_NAMES:
+        domain = settings.require(f"domains.{name}")
+        upstream = settings.require(f"upstreams.{name}")
+        if not _DOMAIN.match(domain):
+            raise UsageError(f"domains.{name} must be a host name, got '{domain}'", "fix it in invoke.yaml or the env file")
+        if not _UPSTREAM.match(upstream):
+            raise UsageError(f"upstreams.{name} must be host:port, got '{upstream}'", "fix it in invoke.yaml or the env file")
+        sites.append({"name": name, "domain": domain, "upstream": upstream})
+    return sites
+
+
+def site_step(settings) -> Step:
+    sites = site_settings(settings)
+    rate, burst = str(settings.require("rate_limit.rate")), int(settings.require("rate_limit.burst"))
+    if not _RATE.match(rate):
+        raise UsageError(f"rate_limit.rate must look like 10r/s, got '{rate}'", "fix it in invoke.yaml or the env file")
+
+    def plan(facts: Facts) -> Plan:
+        # A site gets TLS once its certificate exists (ssl.issue puts it there).
+        with_tls = set(facts["certificates"].lines)
+        rendered = templates.render(
+            "nginx/coachntt.conf.j2",
+            sites=[{**site, "tls": site["domain"] in with_tls} for site in sites],
+            rate=rate,
+            burst=burst,
+        )
+        return remote.file_step("site config", SITE_FILE, rendered, validate="nginx -t -q", then=TEST_AND_RELOAD).plan(facts)
+
+    return Step(
+        "site config",
+        probes={**remote.file_probes(SITE_FILE), "certificates": "ls /etc/letsencrypt/live"},
+        plan=plan,
+    )
+
+
+def default_site_step() -> Step:
+    def plan(facts: Facts) -> Plan:
+        if not facts["default"].ok:
+            return Plan.ok("default site not enabled")
+        return Plan.change(Change(f"remove {DEFAULT_SITE}", f"rm -f {DEFAULT_SITE} && nginx -t -q && {TEST_AND_RELOAD}"))
+
+    return Step("default site removed", probes={"default": f"test -e {DEFAULT_SITE}"}, plan=plan)
+
+
+@ops_task(default=True)
+def install(ops):
+    """Render and install the sites, test, reload (old config restored on failure)."""
+    steps = [site_step(ops.settings), default_site_step(), remote.service_step("nginx running", "nginx")]
+    ops.run_steps(steps)
+
+
+@ops_task
+def status(ops):
+    """Is nginx running, does its config test pass, what does each domain answer."""
+    sites = site_settings(ops.settings)
+    probes = {"active": "systemctl is-active nginx", "config_test": "nginx -t 2>&1"}
+    for site in sites:
+        probes[site["name"]] = (
+            f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 -H 'Host: {site['domain']}' http://127.0.0.1/"
+        )
+    facts = gather(ops.target, probes)
+    ops.reporter.info(f"  nginx         {facts['active'].stdout or 'not installed'}")
+    ops.reporter.info(f"  config test   {'ok' if facts['config_test'].ok else 'FAILED: ' + facts['config_test'].stdout}")
+    for site in sites:
+        ops.reporter.info(f"  {site['domain']:<28} HTTP {facts[site['name']].stdout or '---'} (-> {site['upstream']})")
+    if not (facts["active"].ok and facts["config_test"].ok):
+        raise OpsError(f"nginx is not healthy on {ops.where}", "run `nginx` to install and reload it")
+
 
 ns = Collection("nginx")
-ns.add_task(not_implemented("nginx", "its issue"), name="nginx", default=True)
+ns.add_task(install, default=True)
+ns.add_task(status)

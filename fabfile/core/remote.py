@@ -73,11 +73,12 @@ def file_step(
             return Plan.change(Change(f"set {path} to mode {mode}, owner {owner} (was {meta.stdout.strip()})", f"chmod {mode} {q(path)} && chown {owner} {q(path)}"))
         return Plan.ok(f"{path} up to date")
 
-    return Step(
-        name,
-        probes={"content": f"cat -- {q(path)}", "meta": f"stat -c '%a %U:%G' -- {q(path)}"},
-        plan=plan,
-    )
+    return Step(name, probes=file_probes(path), plan=plan)
+
+
+def file_probes(path: str) -> dict[str, str]:
+    """The facts file_step plans from, for steps that render content from other facts."""
+    return {"content": f"cat -- {q(path)}", "meta": f"stat -c '%a %U:%G' -- {q(path)}"}
 
 
 def line_step(name: str, path: str, line: str, *, replaces: str = "", mode: str = "0644") -> Step:

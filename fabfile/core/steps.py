@@ -138,13 +138,14 @@ def gather_facts(target: Target, steps: list[Step]) -> list[Facts]:
     ]
 
 
-def run_steps(target: Target, steps: list[Step], reporter: Reporter, *, dry: bool = False) -> dict[str, Plan]:
-    """Plan and (unless dry) apply `steps` in order. Returns each step's plan."""
-    plans: dict[str, Plan] = {}
-    for step, facts in zip(steps, gather_facts(target, steps)):
-        started = time.monotonic()
-        plan = step.plan(facts)
-        plans[step.name] = plan
+def plan_steps(target: Target, steps: list[Step]) -> list[tuple[Step, Plan]]:
+    """Gather the facts of all steps (one round trip) and plan each one. Pure after the read."""
+    return [(step, step.plan(facts)) for step, facts in zip(steps, gather_facts(target, steps))]
+
+
+def apply_steps(target: Target, planned: list[tuple[Step, Plan]], reporter: Reporter, *, dry: bool = False) -> None:
+    """Report each planned step and, unless dry, apply the ones with changes."""
+    for step, plan in planned:
         if plan.skip:
             reporter.step(step.name, "skipped", 0.0, reason=plan.reason)
         elif not plan.changes:
@@ -152,8 +153,14 @@ def run_steps(target: Target, steps: list[Step], reporter: Reporter, *, dry: boo
         elif dry:
             reporter.step(step.name, "would change", 0.0, reason=plan.reason, changes=plan.changes)
         else:
-            apply_plan(target, step, plan, reporter, started)
-    return plans
+            apply_plan(target, step, plan, reporter, time.monotonic())
+
+
+def run_steps(target: Target, steps: list[Step], reporter: Reporter, *, dry: bool = False) -> dict[str, Plan]:
+    """Plan and (unless dry) apply `steps` in order. Returns each step's plan."""
+    planned = plan_steps(target, steps)
+    apply_steps(target, planned, reporter, dry=dry)
+    return {step.name: plan for step, plan in planned}
 
 
 def apply_plan(target: Target, step: Step, plan: Plan, reporter: Reporter, started: float) -> None:

@@ -215,3 +215,35 @@ def target_for(c: Any, settings: Settings) -> Target:
             raise ConfigError(f"COACHNTT_HOST must be user@host[:port], got '{host}'", "fix .env." + settings.env)
         return RemoteTarget(Connection(host, config=c.config), settings)
     return LocalTarget(c)
+
+
+def login_public_keys(target: Target) -> list[str]:
+    """Public halves of the keys this run logged in with (-i KEY or connect_kwargs)."""
+    if not isinstance(target, RemoteTarget):
+        return []
+    filenames = target.connection.connect_kwargs.get("key_filename") or []
+    if isinstance(filenames, str):
+        filenames = [filenames]
+    keys = []
+    for name in filenames:
+        path = Path(os.path.expanduser(name))
+        pub = path.with_name(path.name + ".pub")
+        if pub.is_file():
+            keys.append(" ".join(pub.read_text().split()[:2]))
+        elif path.is_file():
+            key = paramiko.PKey.from_path(path)
+            keys.append(f"{key.get_name()} {key.get_base64()}")
+    return keys
+
+
+def second_login(target: Target, settings: Settings, user: str) -> Target:
+    """A NEW connection to the same host as `user`, with the keys of this run.
+
+    Used to prove a login works before we turn off the one we are using.
+    """
+    if not isinstance(target, RemoteTarget):
+        raise ConfigError("a second login can only be proven over SSH", "run this task with fab -H")
+    c = target.connection
+    other = Connection(c.host, user=user, port=c.port, config=c.config,
+                       connect_kwargs={k: v for k, v in c.connect_kwargs.items() if k != "sock"})
+    return RemoteTarget(other, settings)

@@ -21,7 +21,7 @@ from invoke.exceptions import Exit
 
 from . import redact, settings as settings_module
 from .errors import OpsError, UsageError, from_connection_failure
-from .steps import Plan, Reporter, Step, run_steps
+from .steps import Plan, Reporter, Step, apply_steps, plan_steps, run_steps
 from .target import Target, target_for
 
 COMMON_HELP = {
@@ -62,7 +62,15 @@ class Ops:
         return self._reporter
 
     def run_steps(self, steps: list[Step]) -> dict[str, Plan]:
+        """Facts (one round trip), plans, then apply unless --dry."""
         return run_steps(self.target, steps, self.reporter, dry=self.dry)
+
+    def plan(self, steps: list[Step]) -> list[tuple[Step, Plan]]:
+        """Facts and plans only, for tasks that must look before they leap."""
+        return plan_steps(self.target, steps)
+
+    def apply(self, planned: list[tuple[Step, Plan]]) -> None:
+        apply_steps(self.target, planned, self.reporter, dry=self.dry)
 
     def finish(self) -> None:
         if self._reporter is not None and self._target is not None:
