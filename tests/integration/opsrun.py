@@ -1,0 +1,69 @@
+"""How integration tests drive the tool and look at a sandbox host.
+
+`fab(...)` runs the real CLI in a subprocess exactly as an operator would;
+`ssh(...)` uses the system OpenSSH client with strict host-key checking;
+`console(...)` is the provider's console (no SSH) for checking state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fabfile import sandbox
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def fab(host, *args: str, user: str = "root", env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    command = [str(BIN / "fab"), "-H", f"{user}@{host.ip}", "-i", str(host.key), *args]
+    return subprocess.run(
+        command, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def json_lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+def ssh(host, command: str, *, user: str = "root", extra: tuple[str, ...] = (), timeout: int = 30) -> subprocess.CompletedProcess:
+    """The system ssh client, key only, strict host keys, never a prompt."""
+    return subprocess.run(
+        ["ssh", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
+         "-o", f"UserKnownHostsFile={host.known_hosts}", "-o", "ConnectTimeout=5",
+         "-i", str(host.key), *extra, f"{user}@{host.ip}", command],
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def ssh_retrying(host, command: str, *, user: str = "root", attempts: int = 5, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """OpenSSH 10 briefly penalises sources that failed to log in: back off, bounded."""
+    result = ssh(host, command, user=user, extra=extra)
+    for attempt in range(attempts - 1):
+        if result.returncode != 255 or "Permission denied" in result.stderr:
+            break
+        time.sleep(1 + attempt)
+        result = ssh(host, command, user=user, extra=extra)
+    return result
+
+
+def console(host, command: str) -> tuple[int, str]:
+    return sandbox.console(host.name, command)
+
+
+def host_state(host) -> str:
+    """A fingerprint of what `secure`/`nginx` may change, read through the console."""
+    code, out = console(
+        host,
+        "find /etc/ssh /etc/sudoers.d /etc/ufw /etc/fail2ban /etc/nginx /etc/apt/apt.conf.d /home "
+        "-xdev -type f -exec sha256sum {} + 2>/dev/null | sort; getent passwd coachntt; "
+        "dpkg-query -W -f='${Package} ${Version}\\n' | sha256sum; ufw status 2>&1 | head -1",
+    )
+    assert code == 0, out
+    return out

@@ -1,0 +1,127 @@
+"""Fixtures for the unit tests: isolated environment, real defaults, a fake host."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import invoke
+import pytest
+import yaml
+
+from fabfile.core import redact
+from fabfile.core.settings import PROJECT_DIR, Settings
+from fabfile.core.target import Result, Target
+
+INVOKE_YAML = PROJECT_DIR / "invoke.yaml"
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch):
+    """No COACHNTT_* variable from the shell running pytest, no secret left over from another test."""
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("COACHNTT_"):
+            monkeypatch.delenv(key)
+    redact.forget_all()
+    yield
+    redact.forget_all()
+
+
+@pytest.fixture(scope="session")
+def yaml_defaults() -> dict:
+    """The `coachntt` section of invoke.yaml as plain data."""
+    return yaml.safe_load(INVOKE_YAML.read_text())["coachntt"]
+
+
+@pytest.fixture
+def defaults(yaml_defaults) -> dict:
+    return copy.deepcopy(yaml_defaults)
+
+
+@pytest.fixture
+def settings(defaults) -> Settings:
+    return Settings("production", defaults)
+
+
+@pytest.fixture
+def project_context() -> invoke.Context:
+    """An invoke Context configured the way `inv` configures it in the project directory."""
+    config = invoke.Config(project_location=str(PROJECT_DIR))
+    config.load_project()
+    return invoke.Context(config=config)
+
+
+# One framed probe inside a script built by core/batch.batch_script.
+_PROBE = re.compile(
+    r"^printf '%s\\n' '(?P<marker>\S+) begin (?P<name>\S+)'\n\( (?P<command>.*?)\n\) </dev/null 2>/dev/null$",
+    re.MULTILINE | re.DOTALL,
+)
+
+
+class FakeHost(Target):
+    """A host given as data.
+
+    `facts` maps a probe command to (stdout, status); a fact script gets the
+    framed answer a real shell would print. `failures` maps a substring of a
+    change script to (exit status, stderr). Every command sent is kept in `sent`.
+    """
+
+    def __init__(self, facts=None, failures=None, *, is_root=True, label="deploy@vps"):
+        super().__init__()
+        self.facts = dict(facts or {})
+        self.failures = dict(failures or {})
+        self.is_root = is_root
+        self.label = label
+        self.sent: list[str] = []
+
+    def _execute(self, command, timeout):
+        self.sent.append(command)
+        probes = list(_PROBE.finditer(command))
+        if probes:
+            out = ""
+            for probe in probes:
+                command_text = probe["command"]
+                if command_text not in self.facts:
+                    raise AssertionError(f"FakeHost has no fact for probe {command_text!r}")
+                stdout, status = self.facts[command_text]
+                out += f"{probe['marker']} begin {probe['name']}\n{stdout}\n{probe['marker']} end {probe['name']} {status}\n"
+            return Result(command, out, "", 0)
+        for needle, (status, stderr) in self.failures.items():
+            if needle in command:
+                return Result(command, "", stderr, status)
+        return Result(command, "", "", 0)
+
+    @property
+    def changes_sent(self) -> list[str]:
+        return [c for c in self.sent if not _PROBE.search(c)]
+
+
+@pytest.fixture
+def fake_host():
+    return FakeHost
+
+
+def probe_markers(script: str) -> set[str]:
+    return {m["marker"] for m in _PROBE.finditer(script)}
+
+
+@pytest.fixture
+def markers_of():
+    return probe_markers
+
+
+@pytest.fixture
+def current_owner() -> str:
+    import grp
+    import os
+    import pwd
+
+    return f"{pwd.getpwuid(os.geteuid()).pw_name}:{grp.getgrgid(os.getegid()).gr_name}"
+
+
+@pytest.fixture
+def project_dir() -> Path:
+    return PROJECT_DIR
