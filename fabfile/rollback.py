@@ -1,8 +1,131 @@
-"""rollback: not built yet — its tasks exit 2 until its issue lands."""
+"""rollback: put a release that was healthy back in service.
+
+Runbook (`fab -H coachntt@HOST rollback [--to <sha>] [--with-db]`):
+    1. choose the target    --to must be a release that went live (release log);
+                            none given = the previous good release; failed
+                            releases are never offered
+    2. schema check         warn when the target ran on an older schema and name
+                            the backup taken before the release being undone
+    3. (--with-db)          restore that backup (checked readable first)
+    4. switch               checkout + up -d --force-recreate, health gate
+    5. release log entry
+`rollback.list` shows the candidates.
+"""
+
+from __future__ import annotations
+
+import shlex
 
 from invoke import Collection
 
-from .core.task import not_implemented
+from .core import state, templates
+from .core.app import App, health_gate, switch_to, validate_sha
+from .core.errors import OpsError, UsageError
+from .core.target import command_failed
+from .core.task import ops_task
+
+
+def read_log(ops, app: App) -> list[state.Release]:
+    result = ops.target.run(state.read_log_command(app.state_dir), check=False)
+    return state.parse_log(result.stdout)
+
+
+def choose_target(log: list[state.Release], to: str) -> tuple[state.Release, str]:
+    """(the release serving now, the sha to roll back to). Pure: tested as data."""
+    current = state.current_release(log)
+    good = state.good_releases(log)
+    if current is None:
+        raise UsageError("nothing has been deployed yet", "run `deploy` first")
+    recent = ", ".join(sha[:12] for sha in good[:5]) or "none"
+    if to:
+        matches = [sha for sha in good if sha.startswith(to)]
+        if not matches:
+            raise UsageError(f"'{to}' is not a release that went live", f"recent good releases: {recent}")
+        if len(matches) > 1:
+            raise UsageError(f"'{to}' matches {len(matches)} releases", "give more digits of the sha")
+        return current, matches[0]
+    previous = state.previous_good(log, current.sha)
+    if not previous:
+        raise UsageError("no earlier good release to roll back to", f"good releases: {recent}")
+    return current, previous
+
+
+def schema_of(log: list[state.Release], sha: str) -> str:
+    return next((r.schema for r in reversed(log) if r.sha == sha and r.schema), "")
+
+
+def backup_undoing(log: list[state.Release], current_sha: str) -> str:
+    """The dump taken just before `current_sha` migrated the database."""
+    return next((r.backup for r in reversed(log) if r.sha == current_sha and r.kind == "deploy" and r.backup), "")
+
+
+def restore_database(ops, app: App, backup: str) -> None:
+    ops.target.run(app.compose("stop api pgbouncer"), user=app.owner, timeout=120)
+    result = ops.target.run(
+        f"bash -c {shlex.quote(templates.script('restore-db.sh'))} restore-db "
+        f"{app.db_container} {app.db_user} {app.db_name} {shlex.quote(backup)}",
+        user=app.owner, check=False, timeout=1800,
+    )
+    if not result.ok:
+        raise command_failed(result, ops.target.label, what=f"restoring {backup}")
+
+
+@ops_task(default=True, help={
+    "to": "sha of a release that went live (default: the previous good one)",
+    "with_db": "also restore the database backup taken before the release being undone",
+    "yes": "do not ask before restoring the database",
+    "break_lock": "remove a stale deploy lock first",
+})
+def rollback(ops, to="", with_db=False, yes=False, break_lock=False):
+    """Roll back to a previous good release (code + containers, optionally the DB)."""
+    validate_sha(to)
+    app = App.from_settings(ops.settings)
+    log = read_log(ops, app)
+    current, target_sha = choose_target(log, to)
+
+    backup = backup_undoing(log, current.sha)
+    now_schema, then_schema = schema_of(log, current.sha), schema_of(log, target_sha)
+    if now_schema and then_schema and now_schema != then_schema and not with_db:
+        ops.reporter.info(f"  warning: {target_sha[:12]} ran on schema {then_schema}, the database is at {now_schema}; "
+                          f"old code may not run on it. Matching backup: {backup or 'none recorded'} (use --with-db)")
+    if with_db:
+        if not backup:
+            raise UsageError(f"no backup recorded before {current.sha[:12]}", "roll back without --with-db, or restore one with backup.restore")
+        if not yes:
+            raise UsageError(f"--with-db replaces the database with {backup}", "rerun with --yes to confirm")
+    if ops.dry:
+        ops.reporter.info(f"  would roll back {current.sha[:12]} -> {target_sha[:12]}" + (f" and restore {backup}" if with_db else ""))
+        return
+
+    with state.deploy_lock(ops.target, app.state_dir, target_sha, "rollback", break_stale=break_lock):
+        entry = state.Release(sha=target_sha, kind="rollback", previous=current.sha, who=state.operator(),
+                              started=state.now(), schema=then_schema)
+        if with_db:
+            with ops.reporter.phase("restore database", reason=backup):
+                restore_database(ops, app, backup)
+        with ops.reporter.phase(f"switch to {target_sha[:12]}"):
+            switch_to(ops.target, app, target_sha, recreate=True)
+        with ops.reporter.phase("health gate"):
+            gate = health_gate(ops.target, app)
+        entry.result, entry.finished = (state.RESULT_OK if gate.passed else state.RESULT_FAILED), state.now()
+        state.append(ops.target, app.state_dir, entry)
+        if not gate.passed:
+            for line in gate.responses[-5:] + gate.logs.splitlines()[-20:]:
+                ops.reporter.info(f"    {line}")
+            raise OpsError(f"rolled back to {target_sha[:12]} but /health did not answer 200", "see the responses above")
+
+
+@ops_task(name="list")
+def list_(ops):
+    """Releases you can roll back to, newest first."""
+    app = App.from_settings(ops.settings)
+    log = read_log(ops, app)
+    current = state.current_release(log)
+    for sha in state.good_releases(log):
+        marker = "  (live)" if current and sha == current.sha else ""
+        ops.reporter.info(f"  {sha[:12]}  schema {schema_of(log, sha) or '-'}{marker}")
+
 
 ns = Collection("rollback")
-ns.add_task(not_implemented("rollback", "its issue"), name="rollback", default=True)
+ns.add_task(rollback, default=True)
+ns.add_task(list_, name="list")

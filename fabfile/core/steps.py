@@ -17,8 +17,9 @@ from __future__ import annotations
 import json as jsonlib
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, TextIO
+from typing import Callable, Iterator, Mapping, TextIO
 
 from . import redact
 from .batch import ProbeResult, gather
@@ -116,6 +117,17 @@ class Reporter:
             return
         parts = [f"{n} {status}" for status, n in self.counts.items() if n or status in ("ok", "changed", "failed")]
         self._emit(f"{self.host}: {', '.join(parts)} in {seconds:.1f}s ({round_trips} round trips)")
+
+    @contextmanager
+    def phase(self, name: str, reason: str = "") -> Iterator[None]:
+        """Report a block of work as one step: changed when it returns, FAILED when it raises."""
+        started = time.monotonic()
+        try:
+            yield
+        except OpsError as exc:
+            self.step(name, "failed", time.monotonic() - started, reason=exc.one_line())
+            raise
+        self.step(name, "changed", time.monotonic() - started, reason=reason)
 
     def info(self, text: str) -> None:
         if not self.json:

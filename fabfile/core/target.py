@@ -13,6 +13,7 @@ them once), set TCP_NODELAY, and count round trips so benchmarks can report them
 
 from __future__ import annotations
 
+import getpass
 import os
 import shlex
 import socket
@@ -50,14 +51,19 @@ class Target:
 
     label = "local"
     is_root = False
+    login_user = ""
 
     def __init__(self) -> None:
         self.round_trips = 0
 
-    def run(self, command: str, *, sudo: bool = False, check: bool = True, timeout: int | None = None) -> Result:
-        """Run `command` with sh; as root when `sudo` (sudo -n: never a prompt)."""
+    def run(
+        self, command: str, *, sudo: bool = False, user: str = "", check: bool = True, timeout: int | None = None
+    ) -> Result:
+        """Run `command` with sh: as root when `sudo`, as `user` when given (sudo -n: never a prompt)."""
         wrapped = command
-        if sudo and not self.is_root:
+        if user and user != self.login_user:
+            wrapped = f"sudo -n -u {shlex.quote(user)} -- sh -c {shlex.quote(command)}"
+        elif sudo and not self.is_root:
             wrapped = f"sudo -n -- sh -c {shlex.quote(command)}"
         self.round_trips += 1
         result = self._execute(wrapped, timeout)
@@ -104,7 +110,8 @@ class LocalTarget(Target):
     def __init__(self, context: Any):
         super().__init__()
         self.context = context
-        self.label = f"{os.environ.get('USER', 'local')}@localhost"
+        self.login_user = getpass.getuser()
+        self.label = f"{self.login_user}@localhost"
         self.is_root = os.geteuid() == 0
 
     def _execute(self, command: str, timeout: int | None) -> Result:
@@ -125,6 +132,7 @@ class RemoteTarget(Target):
         super().__init__()
         self.connection = connection
         self.label = f"{connection.user}@{connection.host}" + (f":{connection.port}" if connection.port != 22 else "")
+        self.login_user = connection.user
         self.is_root = connection.user == "root"
         environ = os.environ if environ is None else environ
         try:

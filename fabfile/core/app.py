@@ -1,0 +1,120 @@
+"""The application on the server: its checkout, its Compose stack, its health.
+
+Deploy and rollback both move the app between releases; this module holds the
+moves they share, each one round trip:
+
+    fetch_sha      git fetch + resolve the wanted sha (unknown sha -> exit 2)
+    switch_to      checkout the sha, (re)create the containers
+    health_gate    poll /health until 200 or the deadline; on failure, why
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+
+from . import templates
+from .errors import OpsError, UsageError
+from .settings import Settings
+from .target import Target
+
+_SHA = re.compile(r"^[0-9a-f]{7,40}$")
+
+
+def validate_sha(sha: str) -> str:
+    """Fail before connecting when the sha cannot be a commit id."""
+    if sha and not _SHA.match(sha):
+        raise UsageError(f"--sha must be a commit id (7-40 hex digits), got '{sha}'", "copy it from `git log` or the release log")
+    return sha
+
+
+@dataclass(frozen=True)
+class App:
+    dir: str
+    repo: str
+    branch: str
+    compose_files: tuple[str, ...]
+    env_file: str
+    health_url: str
+    health_deadline: int
+    health_interval: int
+    state_dir: str
+    backup_dir: str
+    db_container: str
+    db_user: str
+    db_name: str
+    owner: str
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> "App":
+        overrides = s.get("app.compose_overrides") or []
+        return cls(
+            dir=s.require("app.dir"),
+            repo=s.get("app.repo") or "",
+            branch=s.require("app.branch"),
+            compose_files=(s.require("app.compose_file"), *overrides),
+            env_file=s.require("app.env_file"),
+            health_url=s.require("app.health_url"),
+            health_deadline=int(s.require("app.health_deadline")),
+            health_interval=int(s.require("app.health_interval")),
+            state_dir=s.require("state_dir"),
+            backup_dir=s.require("backup.dir"),
+            db_container=s.require("backup.db_container"),
+            db_user=s.require("backup.db_user"),
+            db_name=s.require("backup.db_name"),
+            owner=s.require("deploy_user"),
+        )
+
+    def in_dir(self, command: str) -> str:
+        return f"cd {shlex.quote(self.dir)} && {command}"
+
+    def compose(self, args: str, sha: str = "") -> str:
+        """`docker compose` with our files; APP_VERSION tags the api image by release."""
+        files = " ".join(f"-f {shlex.quote(f)}" for f in self.compose_files)
+        version = f"APP_VERSION={shlex.quote(sha)} " if sha else ""
+        return self.in_dir(f"{version}docker compose {files} {args}")
+
+
+def fetch_sha(target: Target, app: App, sha: str) -> str:
+    """Fetch from origin and resolve `sha` (default: the branch tip) to a full commit id."""
+    wanted = sha or f"origin/{app.branch}"
+    result = target.run(
+        app.in_dir(f"git fetch --quiet origin && git rev-parse --verify --quiet {shlex.quote(wanted + '^{commit}')}"),
+        check=False,
+        user=app.owner,
+    )
+    if not result.ok:
+        if sha:
+            raise UsageError(f"unknown sha '{sha}': not found in {app.repo or 'origin'}", "push it first, or pick one from `git log origin/" + app.branch + "`")
+        raise OpsError(f"cannot fetch origin/{app.branch} in {app.dir}", result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "check the repository URL and network")
+    return result.stdout.strip()
+
+
+def switch_to(target: Target, app: App, sha: str, *, recreate: bool = False) -> None:
+    """Check out `sha` and bring the whole stack up on it."""
+    flags = "--force-recreate " if recreate else ""
+    target.run(app.in_dir(f"git checkout --quiet --detach {shlex.quote(sha)}"), user=app.owner)
+    target.run(app.compose(f"up -d --remove-orphans {flags}", sha), user=app.owner, timeout=600)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    responses: list[str]
+    logs: str = ""
+
+
+def health_gate(target: Target, app: App, *, deadline: int | None = None) -> GateResult:
+    """Poll /health; on failure also fetch the api's last log lines (same round trip)."""
+    script = shlex.quote(templates.script("health-gate.sh"))
+    url, limit = shlex.quote(app.health_url), deadline if deadline is not None else app.health_deadline
+    result = target.run(
+        f"sh -c {script} health-gate {url} {limit} {app.health_interval}"
+        f" || {{ status=$?; echo '--- api logs ---'; {app.compose('logs --no-color --tail 30 api')} 2>&1; exit $status; }}",
+        check=False,
+        user=app.owner,
+        timeout=limit + 120,
+    )
+    responses, _, logs = result.stdout.partition("--- api logs ---")
+    return GateResult(result.ok, responses.strip().splitlines(), logs.strip())
