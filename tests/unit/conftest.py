@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shlex
 from pathlib import Path
 
 import invoke
@@ -79,6 +80,8 @@ class FakeHost(Target):
 
     def _execute(self, command, timeout):
         self.sent.append(command)
+        if command.startswith("sudo -n -- sh -c "):
+            command = shlex.split(command)[-1]  # what the host's sh would run
         probes = list(_PROBE.finditer(command))
         if probes:
             out = ""

@@ -1,0 +1,173 @@
+"""deploy and rollback of examples/app on a real sandbox host with Docker.
+
+One host goes through the life of a service, in order: setup, deploy A,
+deploy B (with a migration) keeping data, a broken C rolled back
+automatically, the lock refusing a concurrent deploy, rollbacks.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from fabfile.sandbox import example_repo, images
+from opsrun import PROJECT_DIR, GitDaemon, console, fab
+
+OVERRIDE = PROJECT_DIR / "configs" / "sandbox" / "compose.sandbox.yml"
+OVERRIDE_ON_HOST = "/etc/coachntt-sandbox/compose.sandbox.yml"
+MIGRATION_2 = "ALTER TABLE notes ADD COLUMN IF NOT EXISTS pinned boolean NOT NULL DEFAULT false;\n"
+
+
+class Service:
+    """The host, the repo it deploys from, and every output the tool printed."""
+
+    def __init__(self, host, repo: Path, env: dict):
+        self.host, self.repo, self.env = host, repo, env
+        self.outputs: list[str] = []
+        self.shas: dict[str, str] = {}
+
+    def fab(self, *args: str) -> subprocess.CompletedProcess:
+        result = fab(self.host, *args, user="coachntt", env=self.env)
+        self.outputs.append(result.stdout + result.stderr)
+        return result
+
+    def health(self) -> dict:
+        code, out = console(self.host, "curl -s -m 5 http://127.0.0.1:8000/health")
+        assert code == 0, out
+        return json.loads(out)
+
+    def api(self, method: str, path: str, body: dict | None = None) -> str:
+        data = f"-H 'Content-Type: application/json' -d '{json.dumps(body)}'" if body else ""
+        code, out = console(self.host, f"curl -s -m 5 -X {method} {data} http://127.0.0.1:8000{path}")
+        assert code == 0, out
+        return out
+
+
+@pytest.fixture(scope="module")
+def service(vps_factory_module, tmp_path_factory):
+    host = vps_factory_module(flavour="provisioned")
+    images.load_images(host)
+    payload = base64.b64encode(OVERRIDE.read_bytes()).decode()
+    code, out = console(host, f"mkdir -p {Path(OVERRIDE_ON_HOST).parent} && echo {payload} | base64 -d > {OVERRIDE_ON_HOST}")
+    assert code == 0, out
+    secured = fab(host, "secure")
+    assert secured.returncode == 0, secured.stdout + secured.stderr
+
+    served = tmp_path_factory.mktemp("git")
+    repo = served / "app"
+    first = example_repo.make_example_repo(repo)
+    with GitDaemon(served) as git:
+        env = {
+            "COACHNTT_APP__REPO": git.url("app"),
+            "COACHNTT_APP__COMPOSE_OVERRIDES": OVERRIDE_ON_HOST,
+            "COACHNTT_APP__HEALTH_DEADLINE": "25",
+        }
+        svc = Service(host, repo, env)
+        svc.shas["A"] = first
+        yield svc
+
+
+def test_setup_clones_and_generates_secrets_once(service):
+    result = service.fab("deploy.setup")
+    assert result.returncode == 0, result.stdout + result.stderr
+    code, out = console(service.host, "stat -c '%a %U' /opt/coachntt/.env.production && grep -c change-me /opt/coachntt/.env.production")
+    assert out.splitlines()[0] == "600 coachntt", out
+    assert out.splitlines()[-1] == "0", "every change-me placeholder must be replaced by a generated secret"
+    _, before = console(service.host, "sha256sum /opt/coachntt/.env.production")
+    again = service.fab("deploy.setup")
+    assert again.returncode == 0 and "never overwritten" in again.stdout
+    assert console(service.host, "sha256sum /opt/coachntt/.env.production")[1] == before
+
+
+def test_deploy_serves_the_exact_sha(service):
+    result = service.fab("deploy", "--sha", service.shas["A"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    health = service.health()
+    assert health["status"] == "ok" and health["version"] == service.shas["A"], health
+
+
+def test_deploy_with_a_migration_keeps_existing_data(service):
+    created = service.api("POST", "/api/notes", {"text": "written before B"})
+    assert "written before B" in created, created
+    service.shas["B"] = example_repo.commit_change(service.repo, "add pinned notes", {"migrations/0002_pinned.sql": MIGRATION_2})
+
+    result = service.fab("deploy", "--sha", service.shas["B"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    health = service.health()
+    assert health["version"] == service.shas["B"] and health["schema"] == 2, health
+    assert "written before B" in service.api("GET", "/api/notes")
+    code, backups = console(service.host, "ls /backups")
+    assert code == 0 and f"pre-{service.shas['B'][:12]}" in backups, backups
+
+
+def test_a_release_failing_its_health_gate_is_rolled_back_automatically(service):
+    service.shas["C"] = example_repo.commit_change(service.repo, "break health", {"BROKEN_HEALTH": "x"})
+    result = service.fab("deploy", "--sha", service.shas["C"])
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "rolled back to " + service.shas["B"][:12] in result.stderr, result.stderr
+    assert "500" in result.stdout, "the failed gate must show the health responses"
+    assert service.health()["version"] == service.shas["B"]
+    service.shas["D"] = example_repo.commit_change(service.repo, "fix health", {"BROKEN_HEALTH": None})
+
+
+def test_a_concurrent_second_deploy_is_refused_by_the_lock(service):
+    # Two full deploys (neither sha is live), so the winner holds the lock for seconds.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda sha: service.fab("deploy", "--sha", sha), [service.shas["A"], service.shas["D"]]))
+    codes = sorted(r.returncode for r in results)
+    assert codes == [0, 4], [r.stdout + r.stderr for r in results]
+    refused = next(r for r in results if r.returncode == 4)
+    assert "deploy lock held by" in refused.stderr and "since" in refused.stderr, refused.stderr
+    assert console(service.host, "test -d /var/lib/coachntt-ops/deploy.lock")[0] != 0, "lock released after the run"
+
+
+def test_rollback_to_an_unknown_sha_changes_nothing(service):
+    _, head_before = console(service.host, "git -C /opt/coachntt rev-parse HEAD")
+    result = service.fab("rollback", "--to", "deadbeef")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a release that went live" in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert service.shas["A"][:12] in lines[0], "the error lists recent good releases"
+    assert console(service.host, "git -C /opt/coachntt rev-parse HEAD")[1] == head_before
+
+
+def test_rollback_never_offers_a_failed_release(service):
+    result = service.fab("rollback", "--to", service.shas["C"][:12])
+    assert result.returncode == 2, result.stdout + result.stderr
+
+
+def test_rollback_to_a_good_release_works_and_is_logged(service):
+    service.fab("deploy", "--sha", service.shas["B"])
+    result = service.fab("rollback", "--to", service.shas["A"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "schema" in result.stdout, "crossing a schema change warns"
+    assert service.health()["version"] == service.shas["A"]
+    history = service.fab("deploy.history")
+    kinds = [line.split()[1] for line in history.stdout.splitlines() if line.startswith("  20")]
+    assert kinds.count("deploy") >= 3 and kinds[-1] == "rollback", history.stdout
+    assert "failed" in history.stdout and service.shas["C"][:12] in history.stdout
+
+
+def test_redeploying_the_live_sha_only_checks_health(service):
+    service.fab("deploy", "--sha", service.shas["B"])
+    result = service.fab("deploy", "--sha", service.shas["B"], "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = [json.loads(line)["step"] for line in result.stdout.splitlines() if line.startswith('{"') and '"step"' in line]
+    assert steps == ["fetch", "health gate"], steps
+
+
+def test_secrets_never_appear_in_any_output(service):
+    code, env = console(service.host, "cat /opt/coachntt/.env.production")
+    assert code == 0
+    secrets = [line.split("=", 1)[1] for line in env.splitlines()
+               if line.split("=", 1)[0] in ("POSTGRES_PASSWORD", "JWT_SECRET", "API_KEY")]
+    assert len(secrets) == 3 and all(len(s) >= 32 for s in secrets)
+    assert service.outputs, "the tests above must have produced output"
+    for output in service.outputs:
+        for secret in secrets:
+            assert secret not in output

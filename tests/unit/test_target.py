@@ -1,0 +1,185 @@
+"""Who runs a command: target selection, sudo wrapping, round trips, failures."""
+
+from __future__ import annotations
+
+import shlex
+
+import fabric
+import invoke
+import pytest
+
+from fabfile.core import redact, target
+from fabfile.core.errors import ConfigError, ConnectError, RemoteCommandError
+from fabfile.core.settings import Settings
+from fabfile.core.target import LocalTarget, RemoteTarget, Result, command_failed, target_for
+
+
+@pytest.fixture
+def no_connect(mocker):
+    """open_hardened replaced: selection is tested without any socket."""
+    return mocker.patch.object(target, "open_hardened")
+
+
+# --- selection --------------------------------------------------------------
+
+
+def test_fabric_connection_gives_a_remote_target(no_connect, settings):
+    connection = fabric.Connection("coachntt@203.0.113.7")
+    chosen = target_for(connection, settings)
+    assert isinstance(chosen, RemoteTarget)
+    assert chosen.connection is connection
+    assert chosen.label == "coachntt@203.0.113.7"
+    no_connect.assert_called_once_with(connection, settings, accept_new=False)
+
+
+def test_configured_host_gives_a_remote_target_to_that_host(no_connect, defaults):
+    settings = Settings("sandbox", {**defaults, "host": "deploy@203.0.113.8:2222"})
+    chosen = target_for(invoke.Context(), settings)
+    assert isinstance(chosen, RemoteTarget)
+    assert (chosen.connection.user, chosen.connection.host, chosen.connection.port) == ("deploy", "203.0.113.8", 2222)
+    assert chosen.label == "deploy@203.0.113.8:2222"
+    assert no_connect.call_count == 1
+
+
+def test_configured_host_with_a_space_is_a_config_error_before_connecting(no_connect, defaults):
+    settings = Settings("staging", {**defaults, "host": "deploy@bad host"})
+    with pytest.raises(ConfigError) as info:
+        target_for(invoke.Context(), settings)
+    assert info.value.what == "COACHNTT_HOST must be user@host[:port], got 'deploy@bad host'"
+    assert "fix .env.staging" in info.value.hint
+    no_connect.assert_not_called()
+
+
+def test_no_host_anywhere_gives_the_local_target(no_connect, settings):
+    context = invoke.Context()
+    chosen = target_for(context, settings)
+    assert isinstance(chosen, LocalTarget)
+    assert chosen.context is context
+    no_connect.assert_not_called()
+
+
+def test_accept_new_host_key_opt_in_is_passed_to_open_hardened(no_connect, settings, monkeypatch):
+    monkeypatch.setenv("COACHNTT_ACCEPT_NEW_HOST_KEY", "1")
+    target_for(fabric.Connection("coachntt@203.0.113.7"), settings)
+    assert no_connect.call_args.kwargs == {"accept_new": True}
+
+
+def test_root_login_is_root_and_needs_no_sudo(no_connect, settings):
+    assert RemoteTarget(fabric.Connection("root@203.0.113.7"), settings).is_root
+    assert not RemoteTarget(fabric.Connection("coachntt@203.0.113.7"), settings).is_root
+
+
+def test_connection_failure_while_opening_becomes_a_connect_error(no_connect, settings):
+    no_connect.side_effect = ConnectionRefusedError(111, "Connection refused")
+    with pytest.raises(ConnectError) as info:
+        RemoteTarget(fabric.Connection("coachntt@203.0.113.7:2200"), settings)
+    assert info.value.what == "cannot reach coachntt@203.0.113.7:2200: connection refused"
+
+
+def test_unknown_exception_while_opening_propagates_unchanged(no_connect, settings):
+    no_connect.side_effect = KeyError("bug")
+    with pytest.raises(KeyError):
+        RemoteTarget(fabric.Connection("coachntt@203.0.113.7"), settings)
+
+
+def test_remote_target_runs_through_the_connection_without_a_pty_or_stdin(no_connect, settings, mocker):
+    connection = fabric.Connection("coachntt@203.0.113.7")
+    run = mocker.patch.object(connection, "run", return_value=mocker.Mock(stdout="out", stderr="", exited=0))
+    put = mocker.patch.object(connection, "put")
+    remote = RemoteTarget(connection, settings)
+    result = remote.run("uptime", timeout=5)
+    remote.put_file("/tmp/a", "/etc/a")
+    assert result == Result("uptime", "out", "", 0)
+    run.assert_called_once_with("uptime", hide=True, warn=True, in_stream=False, timeout=5)
+    put.assert_called_once_with("/tmp/a", "/etc/a")
+    assert remote.round_trips == 2
+
+
+# --- running commands -------------------------------------------------------
+
+
+def test_sudo_wraps_the_command_in_sudo_n_sh_c_when_not_root(fake_host):
+    host = fake_host(is_root=False)
+    result = host.run("echo 'it''s' && id -u", sudo=True)
+    assert shlex.split(host.sent[0]) == ["sudo", "-n", "--", "sh", "-c", "echo 'it''s' && id -u"]
+    assert result.command == "echo 'it''s' && id -u", "results and errors show the command as written"
+
+
+def test_sudo_is_not_used_when_already_root(fake_host):
+    host = fake_host(is_root=True)
+    host.run("id -u", sudo=True)
+    assert host.sent == ["id -u"]
+
+
+def test_without_sudo_the_command_is_sent_as_is(fake_host):
+    host = fake_host(is_root=False)
+    host.run("id -u")
+    assert host.sent == ["id -u"]
+
+
+def test_every_run_counts_one_round_trip(fake_host):
+    host = fake_host()
+    for _ in range(3):
+        host.run("true")
+    assert host.round_trips == 3
+
+
+def test_failed_command_raises_unless_check_is_false(fake_host):
+    host = fake_host(failures={"false": (1, "nope")})
+    assert host.run("false", check=False).exit_status == 1
+    with pytest.raises(RemoteCommandError):
+        host.run("false")
+
+
+def test_local_target_runs_with_sh_and_reports_stdout_stderr_and_status():
+    local = LocalTarget(invoke.Context())
+    result = local.run("echo out; echo err >&2; exit 3", check=False)
+    assert (result.stdout, result.stderr, result.exit_status) == ("out\n", "err\n", 3)
+    assert local.label.endswith("@localhost")
+
+
+def test_local_target_copies_files_with_awkward_names(tmp_path):
+    src, dst = tmp_path / "a file 'x'", tmp_path / "copy; rm -rf nothing"
+    src.write_text("payload")
+    LocalTarget(invoke.Context()).put_file(src, str(dst))
+    assert dst.read_text() == "payload"
+
+
+# --- command_failed ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "stderr",
+    ["sudo: a password is required\n", "sudo: a terminal is required to read the password; either use -S"],
+)
+def test_sudo_password_prompt_gets_the_passwordless_sudo_hint(stderr):
+    error = command_failed(Result("apt-get update", "", stderr, 1), "coachntt@vps")
+    assert error.hint == target.SUDO_PASSWORD_HINT
+    assert "passwordless sudo" in error.one_line()
+
+
+def test_failure_message_names_command_host_and_exit_with_last_stderr_line_as_hint():
+    result = Result("nginx -t\nsystemctl reload nginx", "", "first\nnginx: configuration file test failed\n", 1)
+    error = command_failed(result, "coachntt@vps")
+    assert error.what == "`nginx -t` failed on coachntt@vps (exit 1)"
+    assert error.hint == "nginx: configuration file test failed"
+    assert error.exit_status == 1
+    assert "first" in error.output
+
+
+def test_failure_without_stderr_uses_last_stdout_line_then_a_fallback():
+    assert command_failed(Result("x", "a\nlast out\n", "", 2), "h").hint == "last out"
+    assert command_failed(Result("x", "", "", 2), "h").hint.startswith("no output")
+
+
+def test_long_command_is_shortened_and_what_replaces_it():
+    long = "echo " + "x" * 200
+    assert command_failed(Result(long, "", "", 1), "h").what == f"`{long[:77]}...` failed on h (exit 1)"
+    assert command_failed(Result(long, "", "", 1), "h", what="step 'nginx'").what == "step 'nginx' failed on h (exit 1)"
+
+
+def test_secrets_are_redacted_in_failure_message_hint_and_output():
+    redact.register("sup3r-s3cret")
+    error = command_failed(Result("echo sup3r-s3cret | login", "got sup3r-s3cret", "bad sup3r-s3cret", 1), "h")
+    assert "sup3r-s3cret" not in error.what + error.hint + error.output
+    assert redact.MASK in error.what and redact.MASK in error.hint and redact.MASK in error.output
