@@ -3,6 +3,7 @@
 from invoke import Collection
 
 from . import backup, deploy, deps, monitor, nginx, release, rollback, secure, ssl
+from .sandbox.tasks import sandbox
 
 ns = Collection(
     secure.ns,
@@ -14,4 +15,5 @@ ns = Collection(
     rollback.ns,
     monitor.ns,
     release.ns,
+    sandbox,
 )

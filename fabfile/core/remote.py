@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import difflib
+import re
 import shlex
 from typing import Iterable
 
@@ -59,7 +60,9 @@ def file_step(
     then: str = "",
     secret: bool = False,
 ) -> Step:
-    """Ensure `path` holds exactly `content` with `mode` and `owner`."""
+    """Ensure `path` holds exactly `content` with `mode` and `owner` (user or user:group)."""
+    if ":" not in owner:
+        owner = f"{owner}:{owner}"
 
     def plan(facts: Facts) -> Plan:
         current, meta = facts["content"], facts["meta"]
@@ -86,7 +89,8 @@ def line_step(name: str, path: str, line: str, *, replaces: str = "", mode: str 
 
     def plan(facts: Facts) -> Plan:
         lines = facts["lines"].lines if facts["lines"].ok else []
-        if line in lines:
+        conflicting = [l for l in lines if l != line and replaces and re.search(replaces, l)]
+        if line in lines and not conflicting:
             return Plan.ok(f"line present in {path}")
         if replaces:
             command = (
@@ -95,7 +99,11 @@ def line_step(name: str, path: str, line: str, *, replaces: str = "", mode: str 
                 f"printf '%s\\n' {q(line)} >> \"$tmp\" && chmod {mode} \"$tmp\" && mv -f \"$tmp\" {q(path)}"
             )
         else:
-            command = f"printf '%s\\n' {q(line)} >> {q(path)}"
+            # A last line without its newline would otherwise get ours glued on.
+            command = (
+                f"if [ -s {q(path)} ] && [ -n \"$(tail -c 1 {q(path)})\" ]; then echo >> {q(path)}; fi; "
+                f"printf '%s\\n' {q(line)} >> {q(path)}"
+            )
         return Plan.change(Change(f"add line to {path}: {line}", command))
 
     return Step(name, probes={"lines": f"cat -- {q(path)}"}, plan=plan)

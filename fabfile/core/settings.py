@@ -109,7 +109,10 @@ def load(
         for key, raw in layer.items():
             if key.startswith(PREFIX) and key not in CONTROL_VARIABLES:
                 dotted = key[len(PREFIX):].lower().replace("__", ".")
-                _set_dotted(values, dotted, _coerce(key, raw, _get_dotted(values, dotted)))
+                try:
+                    _set_dotted(values, dotted, _coerce(key, raw, _get_dotted(values, dotted)))
+                except TypeError:
+                    raise ConfigError(f"{key} nests below a setting that is a single value", "check the spelling of the key") from None
             elif layer is file_values or key in KNOWN_SECRETS:
                 if not key.startswith(PREFIX):
                     secrets[key] = raw
@@ -163,6 +166,8 @@ def _set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
     node = values
     for part in parents:
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise TypeError(dotted)
     node[last] = value
 
 

@@ -98,7 +98,9 @@ def previous_good(log: list[Release], sha: str) -> str:
     """
     order: list[str] = []
     for release in log:
-        if release.kind == "deploy" and release.result == RESULT_OK and release.sha not in order:
+        if release.kind == "deploy" and release.result == RESULT_OK:
+            if release.sha in order:
+                order.remove(release.sha)  # a redeploy makes it the newest
             order.append(release.sha)
     usable = [s for s in order if s in good_releases(log)]
     if sha not in usable:

@@ -143,7 +143,7 @@ def gather_facts(target: Target, steps: list[Step]) -> list[Facts]:
     for index, step in enumerate(steps):
         for probe, command in step.probes.items():
             probes[f"s{index}.{probe}"] = command
-    found = gather(target, probes)
+    found = gather(target, probes, sudo=any(step.sudo for step in steps))
     return [
         {probe: found[f"s{index}.{probe}"] for probe in step.probes}
         for index, step in enumerate(steps)

@@ -14,20 +14,26 @@ them once), set TCP_NODELAY, and count round trips so benchmarks can report them
 from __future__ import annotations
 
 import getpass
+import io
 import os
+import secrets
 import shlex
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import paramiko
 from fabric import Connection
+from invoke.exceptions import CommandTimedOut
 
 from . import redact
 from .errors import ConfigError, HostKeyError, RemoteCommandError, from_connection_failure
 from .settings import Settings
 
+# Longer commands go to `sh -s` on stdin: one argument may not exceed ~128 KiB.
+MAX_INLINE_COMMAND = 64 * 1024
 SUDO_PASSWORD_HINT = (
     "the login user needs passwordless sudo: run `secure` as root once "
     "(it installs a validated sudoers drop-in), or log in as root"
@@ -60,19 +66,35 @@ class Target:
         self, command: str, *, sudo: bool = False, user: str = "", check: bool = True, timeout: int | None = None
     ) -> Result:
         """Run `command` with sh: as root when `sudo`, as `user` when given (sudo -n: never a prompt)."""
-        wrapped = command
+        to_run = command
+        if len(command) > MAX_INLINE_COMMAND:
+            # One argument may not exceed ~128 KiB: ship the script as a file first.
+            path = self._upload_script(command)
+            to_run = f"sh {path}; status=$?; rm -f {path}; exit $status"
+        wrapped = to_run
         if user and user != self.login_user:
-            wrapped = f"sudo -n -u {shlex.quote(user)} -- sh -c {shlex.quote(command)}"
+            wrapped = f"sudo -n -u {shlex.quote(user)} -- sh -c {shlex.quote(to_run)}"
         elif sudo and not self.is_root:
-            wrapped = f"sudo -n -- sh -c {shlex.quote(command)}"
+            wrapped = f"sudo -n -- sh -c {shlex.quote(to_run)}"
         self.round_trips += 1
-        result = self._execute(wrapped, timeout)
+        try:
+            result = self._execute(wrapped, timeout)
+        except CommandTimedOut:
+            raise RemoteCommandError(
+                redact.redact(f"{_first_line(command)} timed out after {timeout}s on {self.label}"),
+                "the host may be overloaded or the command stuck; check it and rerun",
+                exit_status=124,
+            ) from None
         result = Result(command, result.stdout, result.stderr, result.exit_status)
         if check and not result.ok:
             raise command_failed(result, self.label)
         return result
 
     def _execute(self, command: str, timeout: int | None) -> Result:
+        raise NotImplementedError
+
+    def _upload_script(self, script: str) -> str:
+        """Put `script` in a private temporary file on the host; return its path."""
         raise NotImplementedError
 
     def put_file(self, local: str | Path, remote: str) -> None:
@@ -85,11 +107,14 @@ class Target:
         pass
 
 
+def _first_line(command: str) -> str:
+    first = command.strip().splitlines()[0] if command.strip() else "(empty)"
+    return f"`{first[:77] + '...' if len(first) > 80 else first}`"
+
+
 def command_failed(result: Result, where: str, what: str = "") -> RemoteCommandError:
     """One line for a failed command: what ran (or `what` it was for), where, how it ended."""
-    if not what:
-        first_line = result.command.strip().splitlines()[0] if result.command.strip() else "(empty)"
-        what = f"`{first_line[:77] + '...' if len(first_line) > 80 else first_line}`"
+    what = what or _first_line(result.command)
     stderr = result.stderr.strip()
     if "a password is required" in stderr or "a terminal is required" in stderr:
         hint = SUDO_PASSWORD_HINT
@@ -117,6 +142,12 @@ class LocalTarget(Target):
     def _execute(self, command: str, timeout: int | None) -> Result:
         r = self.context.run(command, hide=True, warn=True, in_stream=False, timeout=timeout, shell="/bin/sh")
         return Result(command, r.stdout, r.stderr, r.exited)
+
+    def _upload_script(self, script: str) -> str:
+        fd, path = tempfile.mkstemp(prefix="coachntt-ops.", suffix=".sh")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(script)
+        return path
 
     def put_file(self, local: str | Path, remote: str) -> None:
         self.run(f"cp {shlex.quote(str(local))} {shlex.quote(remote)}")
@@ -146,6 +177,13 @@ class RemoteTarget(Target):
     def _execute(self, command: str, timeout: int | None) -> Result:
         r = self.connection.run(command, hide=True, warn=True, in_stream=False, timeout=timeout)
         return Result(command, r.stdout, r.stderr, r.exited)
+
+    def _upload_script(self, script: str) -> str:
+        path = f"/tmp/coachntt-ops.{secrets.token_hex(8)}.sh"
+        self.round_trips += 1
+        # SFTP creates it 0600 under the login user: nobody else can read it.
+        self.connection.put(io.StringIO(script), path)
+        return path
 
     def put_file(self, local: str | Path, remote: str) -> None:
         self.round_trips += 1

@@ -66,21 +66,25 @@ class FakeHost(Target):
     """A host given as data.
 
     `facts` maps a probe command to (stdout, status); a fact script gets the
-    framed answer a real shell would print. `failures` maps a substring of a
-    change script to (exit status, stderr). Every command sent is kept in `sent`.
+    framed answer a real shell would print. `replies` maps a substring of any
+    other command to (exit status, stdout, stderr); `failures` is the short form
+    (exit status, stderr). Anything else succeeds silently. Every command sent
+    is kept in `sent` exactly as the target would send it.
     """
 
-    def __init__(self, facts=None, failures=None, *, is_root=True, label="deploy@vps"):
+    def __init__(self, facts=None, failures=None, *, replies=None, is_root=True, login_user="", label="deploy@vps"):
         super().__init__()
         self.facts = dict(facts or {})
-        self.failures = dict(failures or {})
+        self.replies = {needle: (status, "", stderr) for needle, (status, stderr) in (failures or {}).items()}
+        self.replies.update(replies or {})
         self.is_root = is_root
+        self.login_user = login_user
         self.label = label
         self.sent: list[str] = []
 
     def _execute(self, command, timeout):
         self.sent.append(command)
-        if command.startswith("sudo -n -- sh -c "):
+        if command.startswith("sudo -n "):
             command = shlex.split(command)[-1]  # what the host's sh would run
         probes = list(_PROBE.finditer(command))
         if probes:
@@ -92,9 +96,9 @@ class FakeHost(Target):
                 stdout, status = self.facts[command_text]
                 out += f"{probe['marker']} begin {probe['name']}\n{stdout}\n{probe['marker']} end {probe['name']} {status}\n"
             return Result(command, out, "", 0)
-        for needle, (status, stderr) in self.failures.items():
+        for needle, (status, stdout, stderr) in self.replies.items():
             if needle in command:
-                return Result(command, "", stderr, status)
+                return Result(command, stdout, stderr, status)
         return Result(command, "", "", 0)
 
     @property

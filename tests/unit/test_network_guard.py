@@ -1,4 +1,10 @@
-"""The suite-wide guard in tests/conftest.py refuses real traffic before it starts."""
+"""The suite-wide guard in tests/conftest.py refuses real traffic before it starts.
+
+These tests stay harmless even if the guard were broken: they use UDP sockets,
+whose connect() only records a peer address in the kernel and sends nothing,
+then prove with getpeername() that not even that happened. The one TCP check
+aims at 192.0.2.1 (TEST-NET-1, reserved for documentation) without blocking.
+"""
 
 import errno
 import socket
@@ -6,55 +12,64 @@ import socket
 import pytest
 
 
-def _refused(family, address):
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def assert_refused(family, address, method="connect"):
+    sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         with pytest.raises(RuntimeError, match=address[0].replace(".", r"\.")) as info:
-            sock.connect(address)
-        # Nothing was sent: the socket never got a peer.
+            getattr(sock, method)(address)
         with pytest.raises(OSError) as not_connected:
             sock.getpeername()
-        assert not_connected.value.errno == errno.ENOTCONN
-        return info.value
+        assert not_connected.value.errno == errno.ENOTCONN, "the kernel never saw the connect"
+        assert not isinstance(info.value, OSError), "must not look like an ordinary network error"
     finally:
         sock.close()
 
 
 @pytest.mark.parametrize("address", ["145.79.0.118", "8.8.8.8", "10.201.1.5", "192.168.1.1"])
 def test_guard_refuses_connections_outside_loopback_and_sandbox_naming_the_address(address):
-    error = _refused(socket.AF_INET, (address, 22))
-    assert not isinstance(error, OSError), "must not look like an ordinary network error"
+    assert_refused(socket.AF_INET, (address, 22))
 
 
 def test_guard_refuses_connect_ex_too():
-    with socket.socket() as sock, pytest.raises(RuntimeError, match=r"145\.79\.0\.118"):
-        sock.connect_ex(("145.79.0.118", 22))
+    assert_refused(socket.AF_INET, ("145.79.0.118", 22), method="connect_ex")
+
+
+def test_guard_covers_tcp_sockets():
+    with socket.socket() as sock:
+        sock.setblocking(False)
+        with pytest.raises(RuntimeError, match=r"192\.0\.2\.1"):
+            sock.connect(("192.0.2.1", 22))
+
+
+def ipv6_or_skip():
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()
+    except OSError as exc:
+        pytest.skip(f"IPv6 sockets unavailable: {exc}")
 
 
 def test_guard_refuses_public_ipv6_addresses():
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6 in this Python")
-    try:
-        _refused(socket.AF_INET6, ("2001:4860:4860::8888", 53, 0, 0))
-    except OSError as exc:  # the kernel has IPv6 disabled: cannot even create the socket
-        pytest.skip(f"IPv6 sockets unavailable: {exc}")
-
-
-def test_guard_refuses_host_names_other_than_localhost():
-    with socket.socket() as sock, pytest.raises(RuntimeError, match="api.coachntt.ai"):
-        sock.connect(("api.coachntt.ai", 443))
+    ipv6_or_skip()
+    assert_refused(socket.AF_INET6, ("2001:4860:4860::8888", 53, 0, 0))
 
 
 def test_guard_refuses_ipv4_mapped_public_address():
-    try:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    except OSError as exc:
-        pytest.skip(f"IPv6 sockets unavailable: {exc}")
-    with sock, pytest.raises(RuntimeError, match="8.8.8.8"):
-        sock.connect(("::ffff:8.8.8.8", 53, 0, 0))
+    ipv6_or_skip()
+    assert_refused(socket.AF_INET6, ("::ffff:8.8.8.8", 53, 0, 0))
 
 
-def test_guard_allows_loopback():
+def test_guard_refuses_host_names_other_than_localhost():
+    assert_refused(socket.AF_INET, ("guard-test.invalid", 443))
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.3.2.1", "10.201.0.7"])
+def test_guard_allows_loopback_and_the_sandbox_network(address):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((address, 9))  # UDP: records the peer, sends nothing
+        assert sock.getpeername() == (address, 9)
+
+
+def test_guard_allows_a_real_loopback_tcp_connection():
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)

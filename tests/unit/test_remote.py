@@ -188,7 +188,7 @@ def test_line_present_is_ok():
 def test_line_absent_without_replaces_is_appended():
     step = line_step("hosts", "/etc/hosts", "127.0.1.1 vps")
     (change,) = step.plan({"lines": ok("127.0.0.1 localhost")}).changes
-    assert change.command == "printf '%s\\n' '127.0.1.1 vps' >> /etc/hosts"
+    assert change.command.endswith("printf '%s\\n' '127.0.1.1 vps' >> /etc/hosts")
     assert change.summary == "add line to /etc/hosts: 127.0.1.1 vps"
 
 
@@ -215,11 +215,6 @@ def test_line_step_appends_for_real(sh, tmp_path):
     assert path.read_text() == "127.0.0.1 localhost\n127.0.1.1 vps\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: remote.line_step appends with `printf >> path`, so a file without a trailing "
-    "newline gets the line glued onto its last line",
-)
 def test_appending_to_a_file_without_trailing_newline_keeps_lines_separate(sh, tmp_path):
     path = tmp_path / "hosts"
     path.write_text("127.0.0.1 localhost")
@@ -227,11 +222,6 @@ def test_appending_to_a_file_without_trailing_newline_keeps_lines_separate(sh, t
     assert path.read_text().splitlines() == ["127.0.0.1 localhost", "127.0.1.1 vps"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: remote.line_step plans ok as soon as the wanted line is present, even when other "
-    "lines matching `replaces` remain (sshd uses the FIRST PermitRootLogin, so `yes` stays in force)",
-)
 def test_line_present_but_a_conflicting_line_remains_is_a_change():
     step = line_step("root login", "/etc/ssh/sshd_config", "PermitRootLogin no", replaces="^#?PermitRootLogin")
     plan = step.plan({"lines": ok("PermitRootLogin yes\nPermitRootLogin no")})

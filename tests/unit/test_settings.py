@@ -75,12 +75,6 @@ def test_control_variables_do_not_become_settings(defaults, tmp_path):
     assert s.get("accept_new_host_key") is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: settings._set_dotted calls setdefault on a non-dict node, so a key that "
-    "nests below a scalar setting (COACHNTT_APP__BRANCH__X) raises AttributeError (a traceback) "
-    "instead of a one-line ConfigError",
-)
 def test_key_nesting_below_a_scalar_setting_is_a_config_error(defaults, tmp_path):
     write_env(tmp_path, "COACHNTT_APP__BRANCH__X=1\n")
     with pytest.raises(ConfigError, match="COACHNTT_APP__BRANCH__X"):

@@ -11,7 +11,7 @@ import pytest
 
 from fabfile.core import redact
 from fabfile.core.errors import OpsError, RemoteCommandError
-from fabfile.core.steps import Change, Plan, Reporter, Step, run_steps
+from fabfile.core.steps import Change, Plan, Reporter, Step, apply_steps, plan_steps, run_steps
 from fabfile.core.target import LocalTarget
 
 # Three steps over a host given as data: one already right, one to change, one skipped.
@@ -209,3 +209,29 @@ def test_secrets_are_redacted_in_everything_the_reporter_prints(fake_host, out, 
     rep.info("info db-pass-8d7f6e")
     assert "db-pass-8d7f6e" not in out.getvalue()
     assert redact.MASK in out.getvalue()
+
+
+def test_plan_steps_reads_facts_once_and_applies_nothing_until_apply_steps(fake_host, out):
+    host = fake_host(FACTS)
+    planned = plan_steps(host, STEPS)
+    assert host.round_trips == 1 and host.changes_sent == []
+    assert [(step.name, bool(plan.changes)) for step, plan in planned] == [("motd", False), ("nginx running", True), ("app checkout", False)]
+    apply_steps(host, planned, reporter(out))
+    assert host.changes_sent == ["set -e\nsystemctl start nginx\nsystemctl enable nginx\n"]
+
+
+def test_phase_reports_a_block_of_work_as_changed(out):
+    rep = reporter(out)
+    with rep.phase("switch release", reason="now on abc1234"):
+        pass
+    assert re.match(r"^  changed\s+switch release\s+\d+\.\d\ds  now on abc1234$", lines(out)[0])
+
+
+def test_phase_reports_FAILED_with_the_one_line_error_and_reraises(out):
+    rep = reporter(out)
+    with pytest.raises(OpsError):
+        with rep.phase("health gate"):
+            raise OpsError("health gate failed after 30s", "last answer: 502")
+    assert lines(out)[0].split()[0] == "FAILED"
+    assert lines(out)[0].endswith("health gate failed after 30s; last answer: 502")
+    assert rep.counts["failed"] == 1

@@ -117,6 +117,18 @@ def test_without_sudo_the_command_is_sent_as_is(fake_host):
     assert host.sent == ["id -u"]
 
 
+def test_run_as_another_user_uses_sudo_u(fake_host):
+    host = fake_host(is_root=True, login_user="root")
+    host.run("git fetch origin", user="coachntt", sudo=True)
+    assert shlex.split(host.sent[0]) == ["sudo", "-n", "-u", "coachntt", "--", "sh", "-c", "git fetch origin"]
+
+
+def test_run_as_the_login_user_needs_no_sudo(fake_host):
+    host = fake_host(is_root=False, login_user="coachntt")
+    host.run("git fetch origin", user="coachntt")
+    assert host.sent == ["git fetch origin"]
+
+
 def test_every_run_counts_one_round_trip(fake_host):
     host = fake_host()
     for _ in range(3):
@@ -183,3 +195,51 @@ def test_secrets_are_redacted_in_failure_message_hint_and_output():
     error = command_failed(Result("echo sup3r-s3cret | login", "got sup3r-s3cret", "bad sup3r-s3cret", 1), "h")
     assert "sup3r-s3cret" not in error.what + error.hint + error.output
     assert redact.MASK in error.what and redact.MASK in error.hint and redact.MASK in error.output
+
+
+def test_command_that_exceeds_its_timeout_is_a_one_line_remote_command_error():
+    local = LocalTarget(invoke.Context())
+    with pytest.raises(RemoteCommandError, match="sleep"):
+        local.run("exec sleep 5", timeout=1)  # exec: the kill reaches sleep, so this takes 1 s
+
+
+def test_command_too_long_for_one_shell_argument_still_runs_via_a_script_file():
+    local = LocalTarget(invoke.Context())
+    result = local.run("printf %s " + "x" * 200_000 + " | wc -c")
+    assert result.stdout.strip() == "200000"
+    assert local.round_trips == 1
+
+
+# --- a second login (proving key login before sshd hardening) ---------------
+
+
+def test_second_login_opens_a_new_connection_as_the_user_with_the_same_keys(no_connect, settings):
+    first = RemoteTarget(fabric.Connection("root@203.0.113.7", port=2222, connect_kwargs={"key_filename": ["/k"], "sock": object()}), settings)
+    second = target.second_login(first, settings, "coachntt")
+    assert second.connection is not first.connection
+    assert (second.connection.user, second.connection.host, second.connection.port) == ("coachntt", "203.0.113.7", 2222)
+    assert second.connection.connect_kwargs["key_filename"] == ["/k"]
+    assert "sock" not in second.connection.connect_kwargs, "a new login needs its own socket"
+    assert no_connect.call_count == 2
+
+
+def test_second_login_needs_ssh():
+    with pytest.raises(ConfigError, match="over SSH"):
+        target.second_login(LocalTarget(invoke.Context()), Settings("production", {}), "coachntt")
+
+
+def test_login_public_keys_come_from_the_pub_file_or_the_private_key(no_connect, settings, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    private = ed25519.Ed25519PrivateKey.generate()
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    with_pub, without_pub = tmp_path / "id_a", tmp_path / "id_b"
+    for path in (with_pub, without_pub):
+        path.write_bytes(pem)
+    (tmp_path / "id_a.pub").write_text("ssh-ed25519 AAAAfromthepubfile me@laptop\n")
+    connection = fabric.Connection("coachntt@203.0.113.7", connect_kwargs={"key_filename": [str(with_pub), str(without_pub)]})
+    keys = target.login_public_keys(RemoteTarget(connection, settings))
+    assert keys == ["ssh-ed25519 AAAAfromthepubfile", public]
+    assert target.login_public_keys(LocalTarget(invoke.Context())) == []

@@ -1,0 +1,143 @@
+"""The app on the server: sha validation, compose commands, fetch, health gate."""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import http.server
+import shlex
+import shutil
+import threading
+
+import invoke
+import pytest
+
+from fabfile.core.app import App, fetch_sha, health_gate, validate_sha
+from fabfile.core.errors import ConfigError, OpsError, UsageError
+from fabfile.core.settings import Settings
+from fabfile.core.target import LocalTarget
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def app(defaults):
+    return App.from_settings(Settings("production", defaults))
+
+
+@pytest.mark.parametrize("sha", ["", "abc1234", SHA])
+def test_valid_shas_pass_through(sha):
+    assert validate_sha(sha) == sha
+
+
+@pytest.mark.parametrize("sha", ["main", "abc123", "ABC1234", SHA + "0", "abc1234; rm -rf /"])
+def test_anything_else_is_refused_before_connecting(sha):
+    with pytest.raises(UsageError) as info:
+        validate_sha(sha)
+    assert info.value.what == f"--sha must be a commit id (7-40 hex digits), got '{sha}'"
+    assert info.value.exit_code == 2
+
+
+def test_app_comes_from_settings(app):
+    assert (app.dir, app.branch, app.owner, app.state_dir) == ("/opt/coachntt", "main", "coachntt", "/var/lib/coachntt-ops")
+    assert app.compose_files == ("docker-compose.prod.yml",)
+
+
+def test_missing_setting_names_its_variable(defaults):
+    del defaults["state_dir"]
+    with pytest.raises(ConfigError) as info:
+        App.from_settings(Settings("production", defaults))
+    assert "COACHNTT_STATE_DIR=" in info.value.hint
+
+
+def test_compose_uses_every_file_and_tags_the_release(defaults):
+    defaults["app"]["compose_overrides"] = ["docker-compose.sandbox.yml"]
+    app = App.from_settings(Settings("sandbox", defaults))
+    assert app.compose("up -d", SHA) == (
+        f"cd /opt/coachntt && APP_VERSION={SHA} docker compose -f docker-compose.prod.yml -f docker-compose.sandbox.yml up -d"
+    )
+    assert app.compose("ps") == "cd /opt/coachntt && docker compose -f docker-compose.prod.yml -f docker-compose.sandbox.yml ps"
+
+
+def test_fetch_resolves_the_sha_as_the_app_owner(app, fake_host):
+    host = fake_host(replies={"git fetch": (0, SHA + "\n", "")}, login_user="root")
+    assert fetch_sha(host, app, "0123456") == SHA
+    argv = shlex.split(host.sent[0])
+    assert argv[:5] == ["sudo", "-n", "-u", "coachntt", "--"]
+    assert "git rev-parse --verify --quiet '0123456^{commit}'" in argv[-1]
+
+
+def test_fetch_without_sha_resolves_the_branch_tip(app, fake_host):
+    host = fake_host(replies={"git fetch": (0, SHA + "\n", "")}, login_user="coachntt")
+    assert fetch_sha(host, app, "") == SHA
+    assert "'origin/main^{commit}'" in host.sent[0]
+
+
+def test_unknown_sha_is_a_usage_error(app, fake_host):
+    host = fake_host(replies={"git fetch": (1, "", "")})
+    with pytest.raises(UsageError) as info:
+        fetch_sha(host, app, "abc1234")
+    assert info.value.what.startswith("unknown sha 'abc1234'")
+
+
+def test_failed_fetch_of_the_branch_says_why(app, fake_host):
+    host = fake_host(failures={"git fetch": (128, "warning: x\nfatal: could not read from remote repository")})
+    with pytest.raises(OpsError) as info:
+        fetch_sha(host, app, "")
+    assert info.value.what == "cannot fetch origin/main in /opt/coachntt"
+    assert info.value.hint == "fatal: could not read from remote repository"
+
+
+def test_gate_result_separates_responses_from_logs(app, fake_host):
+    host = fake_host(replies={"health-gate": (1, "0s 000 \n1s 502 Bad Gateway\n--- api logs ---\napi | boom\n", "")})
+    gate = health_gate(host, app)
+    assert not gate.passed
+    assert gate.responses == ["0s 000 ", "1s 502 Bad Gateway"]
+    assert gate.logs == "api | boom"
+
+
+# --- the gate script for real, against a local HTTP server -----------------------
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        code = 200 if self.path == "/health" else 503
+        body = b'{"status": "ok"}' if code == 200 else b"down"
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def local_app(app, tmp_path):
+    """The app as the current user in tmp_path, so the gate runs without sudo or docker."""
+    return dataclasses.replace(app, owner=getpass.getuser(), dir=str(tmp_path))
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="the gate uses curl")
+def test_gate_passes_when_health_answers_200(local_app, http_server):
+    gate = health_gate(LocalTarget(invoke.Context()), dataclasses.replace(local_app, health_url=f"{http_server}/health"), deadline=5)
+    assert gate.passed
+    assert gate.responses[-1].split()[1:] == ["200", '{"status":', '"ok"}']
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="the gate uses curl")
+def test_gate_fails_at_the_deadline_showing_each_answer(local_app, http_server):
+    gate = health_gate(LocalTarget(invoke.Context()), dataclasses.replace(local_app, health_url=f"{http_server}/down"), deadline=0)
+    assert not gate.passed
+    assert [line.split()[1] for line in gate.responses] == ["503"]
+    assert gate.logs, "a failed gate also shows the api's logs (here: why they could not be read)"

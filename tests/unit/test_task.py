@@ -1,0 +1,291 @@
+"""@ops_task: shared flags, the `ops` handle, one-line errors with exit codes."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+
+import invoke
+import pytest
+from invoke.exceptions import Exit
+
+from fabfile.core import redact, task as task_module
+from fabfile.core.errors import ConfigError, ConnectError, LockHeldError, OpsError, UsageError
+from fabfile.core.settings import PROJECT_DIR
+from fabfile.core.task import COMMON_HELP, not_implemented, ops_task
+
+NAMESPACES = ["secure", "deps", "nginx", "deploy", "ssl", "backup", "rollback", "monitor", "release"]
+
+
+@ops_task(help={"sha": "commit to deploy"})
+def deploy_like(ops, sha="", retries=3):
+    """A task shaped like the real ones."""
+    return (ops, sha, retries)
+
+
+# --- what invoke sees ---------------------------------------------------------
+
+
+def test_task_exposes_body_parameters_plus_dry_and_json_to_invoke():
+    args = {arg.name: arg for arg in deploy_like.get_arguments()}
+    assert list(args) == ["sha", "retries", "dry", "json"]
+    assert args["retries"].kind is int and args["retries"].default == 3
+    assert args["dry"].kind is bool and args["dry"].default is False
+    assert args["json"].kind is bool
+    assert args["sha"].help == "commit to deploy"
+    assert args["dry"].help == COMMON_HELP["dry"]
+
+
+def test_bare_decorator_works_and_keeps_name_and_docstring():
+    @ops_task
+    def status(ops):
+        """Show status."""
+
+    assert [a.name for a in status.get_arguments()] == ["dry", "json"]
+    assert status.name == "status"
+    assert status.__doc__ == "Show status."
+
+
+def test_body_gets_ops_with_settings_and_the_flags(project_context):
+    ops, sha, retries = deploy_like(project_context, sha="abc123", dry=True, json=True)
+    assert (sha, retries, ops.dry, ops.json) == ("abc123", 3, True, True)
+    assert ops.settings.get("deploy_user") == "coachntt"
+    assert ops.where == "localhost"
+
+
+# --- errors -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "error,code",
+    [
+        (UsageError("domain must be a host name, got 'api coachntt.ai'"), 2),
+        (ConfigError("missing config value 'app.repo'", "set COACHNTT_APP__REPO"), 2),
+        (OpsError("health gate failed", "see the logs"), 1),
+        (ConnectError("cannot reach x", "check it"), 3),
+        (LockHeldError("deploy lock held by alice since 10:02"), 4),
+    ],
+)
+def test_ops_error_becomes_exit_with_one_line_and_its_code(project_context, error, code):
+    @ops_task
+    def failing(ops):
+        raise error
+
+    with pytest.raises(Exit) as info:
+        failing(project_context)
+    assert info.value.code == code
+    assert info.value.message == f"error: {error.one_line()}"
+    assert "\n" not in info.value.message
+
+
+def test_recognised_connection_failure_in_the_body_becomes_exit_3(project_context):
+    @ops_task
+    def connects(ops):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    with pytest.raises(Exit) as info:
+        connects(project_context)
+    assert info.value.code == 3
+    assert info.value.message.startswith("error: cannot reach localhost: connection refused; ")
+
+
+def test_unknown_exceptions_propagate_with_their_traceback(project_context):
+    bug = ValueError("a real bug")
+
+    @ops_task
+    def buggy(ops):
+        raise bug
+
+    with pytest.raises(ValueError) as info:
+        buggy(project_context)
+    assert info.value is bug
+
+
+def test_secrets_are_redacted_from_the_error_line(project_context):
+    redact.register("hunter2-hunter2")
+
+    @ops_task
+    def leaky(ops):
+        raise OpsError("login with hunter2-hunter2 refused")
+
+    with pytest.raises(Exit) as info:
+        leaky(project_context)
+    assert "hunter2" not in info.value.message
+
+
+def test_missing_configuration_is_a_usage_exit_not_a_traceback():
+    @ops_task
+    def anything(ops):
+        raise AssertionError("body must not run")
+
+    with pytest.raises(Exit) as info:
+        anything(invoke.Context(config=invoke.Config()))
+    assert info.value.code == 2
+    assert "no 'coachntt' section" in info.value.message
+
+
+def test_argument_validation_happens_before_any_connection(project_context, mocker):
+    target_for = mocker.patch.object(task_module, "target_for")
+
+    @ops_task
+    def validated(ops, domain=""):
+        if " " in domain:
+            raise UsageError(f"domain must be a host name, got '{domain}'")
+        ops.target.run("true")
+
+    with pytest.raises(Exit):
+        validated(project_context, domain="api coachntt.ai")
+    target_for.assert_not_called()
+
+
+def test_a_run_that_used_the_target_ends_with_a_summary_and_closes_it(project_context, mocker, capsys, fake_host):
+    host = fake_host()
+    close = mocker.spy(host, "close")
+    mocker.patch.object(task_module, "target_for", return_value=host)
+
+    @ops_task
+    def work(ops):
+        ops.target.run("true")
+        ops.reporter.info("working")
+
+    work(project_context)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "working"
+    assert out[-1].startswith("localhost: 0 ok, 0 changed, 0 failed in ")
+    assert out[-1].endswith("(1 round trips)")
+    close.assert_called_once()
+
+
+def test_the_target_is_closed_even_when_the_task_fails(project_context, mocker, fake_host):
+    host = fake_host(failures={"false": (1, "nope")})
+    close = mocker.spy(host, "close")
+    mocker.patch.object(task_module, "target_for", return_value=host)
+
+    @ops_task
+    def work(ops):
+        ops.target.run("false")
+
+    with pytest.raises(Exit) as info:
+        work(project_context)
+    assert info.value.code == 1
+    close.assert_called_once()
+
+
+def test_not_implemented_placeholder_exits_2_naming_its_issue(project_context):
+    placeholder = not_implemented("backup.verify", "the backup issue")
+    with pytest.raises(Exit) as info:
+        placeholder(project_context)
+    assert info.value.code == 2
+    assert info.value.message == "error: backup.verify is not implemented yet; it arrives with the backup issue"
+    assert "not implemented yet" in placeholder.__doc__
+
+
+# --- through invoke's command line parser, in process -------------------------
+
+
+class ProjectConfig(invoke.Config):
+    """invoke's Config with the project's invoke.yaml as its defaults."""
+
+    @staticmethod
+    def global_defaults():
+        import yaml
+
+        defaults = invoke.Config.global_defaults()
+        defaults["coachntt"] = yaml.safe_load((PROJECT_DIR / "invoke.yaml").read_text())["coachntt"]
+        return copy.deepcopy(defaults)
+
+
+def run_cli(*argv, tasks):
+    program = invoke.Program(namespace=invoke.Collection(*tasks), config_class=ProjectConfig, version="test")
+    with pytest.raises(SystemExit) as info:
+        program.run(["inv", *argv])
+        raise SystemExit(0)
+    return info.value.code
+
+
+def test_cli_flags_reach_the_body(capsys):
+    @ops_task
+    def show(ops, sha="", retries=3):
+        print(f"sha={sha} retries={retries} dry={ops.dry} json={ops.json}")
+
+    assert run_cli("show", "--sha", "abc", "--retries", "5", "--dry", "--json", tasks=[show]) == 0
+    assert capsys.readouterr().out.strip() == "sha=abc retries=5 dry=True json=True"
+
+
+def test_cli_error_is_one_stderr_line_and_the_exit_code(capsys):
+    @ops_task
+    def refuse(ops):
+        raise UsageError("sha must be 7-40 hex digits", "got 'main'")
+
+    assert run_cli("refuse", tasks=[refuse]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: sha must be 7-40 hex digits; got 'main'\n"
+
+
+# --- the real `fab` and `inv` in the project directory ------------------------
+
+
+def cli_env():
+    return {k: v for k, v in os.environ.items() if not k.startswith("COACHNTT_")}
+
+
+def pending_task():
+    """A task of the real tree that is still a not_implemented placeholder, or None."""
+    from fabfile import ns
+
+    return next((name for name in ns.task_names if (ns[name].__doc__ or "").startswith("(not implemented yet")), None)
+
+
+@pytest.fixture(scope="module")
+def cli():
+    """The real `fab` and `inv` in the project directory, run side by side (each costs ~0.5 s)."""
+    commands = {
+        "fab --list": ["fab", "--list"],
+        "inv --list": ["inv", "--list"],
+        "unreachable": ["fab", "-H", "nobody@127.0.0.1:1", "deps.check"],
+    }
+    if pending_task():
+        commands["pending"] = ["inv", pending_task()]
+    procs = {
+        key: subprocess.Popen(argv, cwd=PROJECT_DIR, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for key, argv in commands.items()
+    }
+    results = {}
+    for key, proc in procs.items():
+        out, err = proc.communicate(timeout=60)
+        results[key] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return results
+
+
+def listed_tasks(output):
+    return [line.split()[0] for line in output.splitlines() if line.startswith("  ") and line.split()]
+
+
+@pytest.mark.parametrize("tool", ["fab", "inv"])
+def test_both_tools_list_every_namespace(cli, tool):
+    result = cli[f"{tool} --list"]
+    assert result.returncode == 0, result.stderr
+    namespaces = {name.split(".")[0] for name in listed_tasks(result.stdout)}
+    assert set(NAMESPACES) <= namespaces
+
+
+def test_fab_and_inv_list_the_same_tasks(cli):
+    assert listed_tasks(cli["fab --list"].stdout) == listed_tasks(cli["inv --list"].stdout)
+
+
+def test_unreachable_host_is_one_error_line_without_traceback(cli):
+    result = cli["unreachable"]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert result.returncode == 3
+
+
+def test_a_not_yet_implemented_task_exits_2(cli):
+    if "pending" not in cli:
+        pytest.skip("every task is implemented now; test_not_implemented_placeholder_exits_2_naming_its_issue covers the helper")
+    result = cli["pending"]
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and "not implemented yet" in result.stderr
+    assert "Traceback" not in result.stderr
