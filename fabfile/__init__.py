@@ -3,7 +3,7 @@
 from invoke import Collection
 
 from . import backup, deploy, deps, monitor, nginx, release, rollback, secure, ssl
-from .sandbox.tasks import sandbox
+from .sandbox.tasks import sandbox as sandbox_ns
 
 ns = Collection(
     secure.ns,
@@ -15,5 +15,5 @@ ns = Collection(
     rollback.ns,
     monitor.ns,
     release.ns,
-    sandbox,
+    sandbox_ns,
 )

@@ -7,7 +7,8 @@ Runbook (`fab -H root@HOST -i KEY secure`):
     3. its SSH key                     the key this run logged in with (or settings)
     4. passwordless sudo               validated sudoers drop-in
     -- prove: a second connection logs in as coachntt and runs sudo --
-    5. sshd hardening                  drop-in that wins over cloud-init; sshd -t; reload
+    5. sshd as a service               off ssh.socket activation, so its settings apply
+       sshd hardening                  drop-in that wins over cloud-init; sshd -t; reload
     6. small DH moduli removed
     7. firewall                        allow 22/80/443 BEFORE enabling, deny the rest
     8. fail2ban                        sshd jail on the journal
@@ -57,9 +58,14 @@ HOST_KEY_ALGORITHMS = [
 HOST_KEYS = ["/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/ssh_host_rsa_key"]
 
 SSHD_DROP_IN = "/etc/ssh/sshd_config.d/00-coachntt-hardening.conf"
-# Reload only a running daemon: with socket activation (Ubuntu 24.04's ssh.socket)
-# each new sshd reads the config anyway.
-RELOAD_SSHD = "if systemctl is-active --quiet ssh.service; then systemctl reload ssh.service; fi"
+RELOAD_SSHD = "if systemctl is-active --quiet ssh.service; then systemctl reload ssh.service; else systemctl start ssh.service; fi"
+# ssh.socket (Ubuntu 24.04's default) owns the listening socket, so sshd_config's
+# Port/ListenAddress are ignored and a reload can leave sshd unable to bind.
+# Run sshd as a plain service instead; open sessions are separate processes
+# and survive the switch.
+SOCKET_TO_SERVICE = (
+    "systemctl disable --now ssh.socket && systemctl enable ssh.service && systemctl restart ssh.service"
+)
 HARDENING_PACKAGES = ["ufw", "fail2ban", "python3-systemd", "unattended-upgrades"]
 
 
@@ -113,10 +119,24 @@ def sudoers_step(user: str) -> Step:
     )
 
 
+def ssh_service_step() -> Step:
+    def plan(facts: Facts) -> Plan:
+        if facts["socket"].stdout.strip() not in ("enabled", "active") and not facts["socket_active"].ok:
+            return Plan.ok("sshd runs as ssh.service")
+        return Plan.change(Change("switch sshd from ssh.socket activation to ssh.service", SOCKET_TO_SERVICE))
+
+    return Step(
+        "sshd listens itself",
+        probes={"socket": "systemctl is-enabled ssh.socket", "socket_active": "systemctl is-active --quiet ssh.socket"},
+        plan=plan,
+    )
+
+
 def sshd_step() -> Step:
     # `sshd -t` validates; `sshd -T` shows the effective values, proving our
-    # drop-in really wins over cloud-init's and the main file.
-    validate = "{ sshd -t && sshd -T | grep -qx 'permitrootlogin no' && sshd -T | grep -qx 'passwordauthentication no'; }"
+    # drop-in really wins over cloud-init's and the main file. sshd -t needs
+    # its privilege separation directory, which systemd removes when sshd stops.
+    validate = "{ install -d -m 0755 /run/sshd && sshd -t && sshd -T | grep -qx 'permitrootlogin no' && sshd -T | grep -qx 'passwordauthentication no'; }"
 
     def plan(facts: Facts) -> Plan:
         content = templates.render(
@@ -260,13 +280,14 @@ def secure(ops, keys=""):
     ])
 
     planned = ops.plan([
+        ssh_service_step(),
         sshd_step(),
         moduli_step(),
         firewall_step(allow),
         *fail2ban_steps(settings),
         *unattended_upgrades_steps(),
     ])
-    sshd_changes = any(plan.changes for step, plan in planned if step.name == "sshd hardening")
+    sshd_changes = any(plan.changes for step, plan in planned if step.name in ("sshd listens itself", "sshd hardening"))
     if sshd_changes and not ops.dry:
         prove_deploy_login(ops, user)
     ops.apply(planned)
@@ -289,12 +310,16 @@ def audit_findings(facts: Facts, allowed_ports: set[str]) -> list[tuple[str, boo
         key, _, value = line.partition(" ")
         sshd.setdefault(key, value)
     ufw = facts["ufw"].stdout
+    walled = "Status: active" in ufw and "deny (incoming)" in ufw
+    opened_by_ufw = {line.split()[0].split("/")[0] for line in facts["ufw"].lines if " ALLOW " in f" {line} "}
     exposed = sorted(
         {
             addr
             for addr in (line.split()[3] for line in facts["listening"].lines if len(line.split()) >= 4)
             if not addr.startswith(("127.", "[::1]", "::1"))
             and addr.rsplit(":", 1)[-1] not in allowed_ports
+            # Behind an active default-deny firewall only ports it opens are exposed.
+            and (not walled or addr.rsplit(":", 1)[-1] in opened_by_ufw)
         }
     )
     auto = facts["auto_upgrades"].stdout
@@ -302,12 +327,12 @@ def audit_findings(facts: Facts, allowed_ports: set[str]) -> list[tuple[str, boo
         ("root login refused", sshd.get("permitrootlogin") == "no", f"PermitRootLogin {sshd.get('permitrootlogin', '?')}"),
         ("password login refused", sshd.get("passwordauthentication") == "no" and sshd.get("kbdinteractiveauthentication") == "no",
          f"PasswordAuthentication {sshd.get('passwordauthentication', '?')}, KbdInteractiveAuthentication {sshd.get('kbdinteractiveauthentication', '?')}"),
-        ("firewall active, default deny", "Status: active" in ufw and "deny (incoming)" in ufw,
+        ("firewall active, default deny", walled,
          ufw.splitlines()[0] if ufw else "ufw not installed"),
         ("fail2ban sshd jail", facts["fail2ban"].ok, "jail sshd running" if facts["fail2ban"].ok else "no sshd jail"),
         ("unattended-upgrades", 'Unattended-Upgrade "1"' in auto and facts["unattended_service"].stdout.strip() == "enabled",
          "enabled" if 'Unattended-Upgrade "1"' in auto else "not enabled"),
-        ("no unexpected open ports", not exposed, ", ".join(exposed) if exposed else "only " + " ".join(sorted(allowed_ports))),
+        ("no unexpected open ports", not exposed, "exposed: " + ", ".join(exposed) if exposed else "only " + " ".join(sorted(allowed_ports)) + " reachable"),
     ]
 
 

@@ -110,6 +110,10 @@ class Reporter:
                 for diff_line in change.diff.splitlines():
                     self._emit(f"        {diff_line}")
 
+    @property
+    def reported_steps(self) -> int:
+        return sum(self.counts.values())
+
     def summary(self, round_trips: int) -> None:
         seconds = time.monotonic() - self.started
         if self.json:

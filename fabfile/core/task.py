@@ -73,7 +73,7 @@ class Ops:
         apply_steps(self.target, planned, self.reporter, dry=self.dry)
 
     def finish(self) -> None:
-        if self._reporter is not None and self._target is not None:
+        if self._reporter is not None and self._target is not None and self._reporter.reported_steps:
             self._reporter.summary(self._target.round_trips)
         if self._target is not None:
             self._target.close()
