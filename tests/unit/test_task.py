@@ -139,7 +139,7 @@ def test_argument_validation_happens_before_any_connection(project_context, mock
     target_for.assert_not_called()
 
 
-def test_a_run_that_used_the_target_ends_with_a_summary_and_closes_it(project_context, mocker, capsys, fake_host):
+def test_a_run_that_reported_steps_ends_with_a_summary_and_closes_the_target(project_context, mocker, capsys, fake_host):
     host = fake_host()
     close = mocker.spy(host, "close")
     mocker.patch.object(task_module, "target_for", return_value=host)
@@ -147,14 +147,26 @@ def test_a_run_that_used_the_target_ends_with_a_summary_and_closes_it(project_co
     @ops_task
     def work(ops):
         ops.target.run("true")
-        ops.reporter.info("working")
+        ops.reporter.step("something", "ok", 0.0)
 
     work(project_context)
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "working"
-    assert out[-1].startswith("localhost: 0 ok, 0 changed, 0 failed in ")
+    assert "something" in out[0]
+    assert out[-1].startswith("localhost: 1 ok, 0 changed, 0 failed in ")
     assert out[-1].endswith("(1 round trips)")
     close.assert_called_once()
+
+
+def test_a_report_only_task_prints_no_step_summary(project_context, mocker, capsys, fake_host):
+    mocker.patch.object(task_module, "target_for", return_value=fake_host())
+
+    @ops_task
+    def report(ops):
+        ops.target.run("true")
+        ops.reporter.info("working")
+
+    report(project_context)
+    assert capsys.readouterr().out.splitlines() == ["working"]
 
 
 def test_the_target_is_closed_even_when_the_task_fails(project_context, mocker, fake_host):
