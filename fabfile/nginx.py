@@ -1,11 +1,11 @@
 """nginx: the reverse proxy in front of the API, Grafana and staging.
 
 Runbook (`fab -H coachntt@HOST nginx`):
-    1. site config     conf.d/coachntt.conf from configs/nginx/coachntt.conf.j2:
+    1. default site    removed, so only our servers answer
+    2. site config     conf.d/coachntt.conf from configs/nginx/coachntt.conf.j2:
                        api / metrics / staging servers, /ws upgrade, rate limit,
                        security headers; `nginx -t` before reload, the previous
                        file restored if the test fails
-    2. default site    removed, so only our servers answer
     3. nginx running
 `nginx.status` shows whether nginx runs, its config test, and what each domain answers.
 """
@@ -81,7 +81,8 @@ def default_site_step() -> Step:
 @ops_task(default=True)
 def install(ops):
     """Render and install the sites, test, reload (old config restored on failure)."""
-    steps = [site_step(ops.settings), default_site_step(), remote.service_step("nginx running", "nginx")]
+    # The distribution's default site goes first: it claims default_server on :80 too.
+    steps = [default_site_step(), site_step(ops.settings), remote.service_step("nginx running", "nginx")]
     ops.run_steps(steps)
 
 

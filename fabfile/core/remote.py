@@ -43,7 +43,12 @@ def write_file_command(path: str, content: str, mode: str, owner: str, validate:
     ]
     if validate:
         restore = f"if [ $had_old = yes ]; then cp -p {q(backup)} {q(path)}; else rm -f {q(path)}; fi"
-        lines.append(f"if ! {validate}; then {restore}; echo 'validation failed, previous file restored' >&2; exit 97; fi")
+        # The validator's first complaint ends the message: that is the line the operator needs.
+        lines.append(
+            f"if ! why=$({validate} 2>&1); then {restore}; "
+            "first=$(printf '%s' \"$why\" | grep -v '^ *$' | head -n 1); "
+            "echo \"validation failed, previous file restored${first:+: $first}\" >&2; exit 97; fi"
+        )
     if then:
         lines.append(then)
     return "\n".join(lines)
