@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
-from .paths import REPO_ROOT, SandboxError
+from .paths import GATEWAY_IP, REPO_ROOT, SandboxError
 
 EXAMPLE_APP = REPO_ROOT / "examples" / "app"
 IDENTITY = {
@@ -65,3 +66,41 @@ def commit_change(path: Path | str, message: str, files: dict[str, str | bytes |
         git(path, "add", "--", name)
     git(path, "commit", "-q", "--allow-empty", "-m", message)
     return git(path, "rev-parse", "HEAD")
+
+
+class GitDaemon:
+    """A read-only git server on the bridge: the sandbox's stand-in for GitHub.
+
+    Started and stopped by its own pid; bounded to the test that uses it.
+    """
+
+    def __init__(self, base_path: Path, listen: str = GATEWAY_IP, port: int = 9418):
+        self.base_path, self.listen, self.port = base_path, listen, port
+        self.process: subprocess.Popen | None = None
+
+    def url(self, repo: str) -> str:
+        return f"git://{self.listen}:{self.port}/{repo}"
+
+    def __enter__(self) -> "GitDaemon":
+        self.process = subprocess.Popen(
+            ["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={self.base_path}",
+             f"--listen={self.listen}", f"--port={self.port}", str(self.base_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            probe = subprocess.run(["git", "ls-remote", self.url("probe")], capture_output=True, text=True)
+            if "Connection refused" not in probe.stderr:
+                return self
+            time.sleep(0.2)
+        self.__exit__()
+        raise SandboxError("git daemon did not start on the bridge")
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+            self.process = None

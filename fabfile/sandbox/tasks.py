@@ -16,7 +16,7 @@ import time
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from . import hosts, image
+from . import hosts, image, rehearsal
 from .paths import SandboxError
 
 
@@ -111,4 +111,14 @@ def image_(c, force=False, suite=None, flavour=None):
     print(f"images ready in {time.monotonic() - started:.1f}s")
 
 
-sandbox = Collection("sandbox", up, down_, list_, console, image_)
+@task(name="release", help={
+    "flavour": "the host to rehearse on (default ubuntu-like: the provider's image)",
+    "keep": "leave the host running afterwards",
+})
+@sandbox_task
+def release_(c, flavour="ubuntu-like", keep=False):
+    """Rehearse a full release on a fresh local VPS: secure, deps, nginx, deploys, rollbacks."""
+    rehearsal.rehearse(flavour=flavour, keep=keep)
+
+
+sandbox = Collection("sandbox", up, down_, list_, console, image_, release_)

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from fabfile.sandbox import example_repo, images
-from opsrun import PROJECT_DIR, GitDaemon, console, fab
+from fabfile.sandbox.example_repo import GitDaemon
+from opsrun import PROJECT_DIR, console, fab
 
 OVERRIDE = PROJECT_DIR / "configs" / "sandbox" / "compose.sandbox.yml"
 OVERRIDE_ON_HOST = "/etc/coachntt-sandbox/compose.sandbox.yml"
