@@ -51,7 +51,14 @@ def choose_target(log: list[state.Release], to: str) -> tuple[state.Release, str
 
 
 def schema_of(log: list[state.Release], sha: str) -> str:
-    return next((r.schema for r in reversed(log) if r.sha == sha and r.schema), "")
+    """The schema a release brought: recorded when it FIRST went live. A later
+    redeploy of old code over a newer database records the newer schema."""
+    return next((r.schema for r in log if r.sha == sha and r.schema and r.kind == "deploy"), "")
+
+
+def live_schema(log: list[state.Release]) -> str:
+    """The database's schema now: the newest schema recorded by any release."""
+    return next((r.schema for r in reversed(log) if r.schema), "")
 
 
 def backup_undoing(log: list[state.Release], current_sha: str) -> str:
@@ -84,7 +91,7 @@ def rollback(ops, to="", with_db=False, yes=False, break_lock=False):
     current, target_sha = choose_target(log, to)
 
     backup = backup_undoing(log, current.sha)
-    now_schema, then_schema = schema_of(log, current.sha), schema_of(log, target_sha)
+    now_schema, then_schema = live_schema(log), schema_of(log, target_sha)
     if now_schema and then_schema and now_schema != then_schema and not with_db:
         ops.reporter.info(f"  warning: {target_sha[:12]} ran on schema {then_schema}, the database is at {now_schema}; "
                           f"old code may not run on it. Matching backup: {backup or 'none recorded'} (use --with-db)")
@@ -99,7 +106,9 @@ def rollback(ops, to="", with_db=False, yes=False, break_lock=False):
 
     with state.deploy_lock(ops.target, app.state_dir, target_sha, "rollback", break_stale=break_lock):
         entry = state.Release(sha=target_sha, kind="rollback", previous=current.sha, who=state.operator(),
-                              started=state.now(), schema=then_schema)
+                              started=state.now(),
+                              # The database keeps its schema unless we restore the older dump.
+                              schema=then_schema if with_db else now_schema)
         if with_db:
             with ops.reporter.phase("restore database", reason=backup):
                 restore_database(ops, app, backup)

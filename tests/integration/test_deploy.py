@@ -93,7 +93,7 @@ def test_deploy_serves_the_exact_sha(service):
 
 
 def test_deploy_with_a_migration_keeps_existing_data(service):
-    created = service.api("POST", "/api/notes", {"text": "written before B"})
+    created = service.api("POST", "/api/notes", {"body": "written before B"})
     assert "written before B" in created, created
     service.shas["B"] = example_repo.commit_change(service.repo, "add pinned notes", {"migrations/0002_pinned.sql": MIGRATION_2})
 
