@@ -25,9 +25,10 @@ from .core.task import ops_task
 SITE_FILE = "/etc/nginx/conf.d/coachntt.conf"
 DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
 SITE_NAMES = ("api", "metrics", "staging")
-TEST_AND_RELOAD = "systemctl reload nginx || systemctl restart nginx"
+# Braced: `a && nginx -t && reload || restart` would restart on a failed test.
+TEST_AND_RELOAD = "{ systemctl reload nginx || systemctl restart nginx; }"
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
-_UPSTREAM = re.compile(r"^[A-Za-z0-9.-]+:\d{1,5}$")
+_UPSTREAM = re.compile(r"^[A-Za-z0-9.-]+:(\d{1,5})$")
 _RATE = re.compile(r"^\d+r/[sm]$")
 
 
@@ -39,7 +40,8 @@ def site_settings(settings) -> list[dict]:
         upstream = settings.require(f"upstreams.{name}")
         if not _DOMAIN.match(domain):
             raise UsageError(f"domains.{name} must be a host name, got '{domain}'", "fix it in invoke.yaml or the env file")
-        if not _UPSTREAM.match(upstream):
+        port = _UPSTREAM.match(upstream)
+        if not port or not 0 < int(port.group(1)) < 65536:
             raise UsageError(f"upstreams.{name} must be host:port, got '{upstream}'", "fix it in invoke.yaml or the env file")
         sites.append({"name": name, "domain": domain, "upstream": upstream})
     return sites

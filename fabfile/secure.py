@@ -299,7 +299,7 @@ AUDIT_PROBES = {
     "fail2ban": "fail2ban-client status sshd",
     "auto_upgrades": "cat /etc/apt/apt.conf.d/20auto-upgrades",
     "unattended_service": "systemctl is-enabled unattended-upgrades",
-    "listening": "ss -Hltn",
+    "listening": "ss -Hltnp",
 }
 
 
@@ -315,11 +315,12 @@ def audit_findings(facts: Facts, allowed_ports: set[str]) -> list[tuple[str, boo
     exposed = sorted(
         {
             addr
-            for addr in (line.split()[3] for line in facts["listening"].lines if len(line.split()) >= 4)
+            for addr, owner in ((line.split()[3], line) for line in facts["listening"].lines if len(line.split()) >= 4)
             if not addr.startswith(("127.", "[::1]", "::1"))
             and addr.rsplit(":", 1)[-1] not in allowed_ports
-            # Behind an active default-deny firewall only ports it opens are exposed.
-            and (not walled or addr.rsplit(":", 1)[-1] in opened_by_ufw)
+            # Behind an active default-deny firewall only ports it opens are exposed,
+            # except Docker-published ports: Docker's own rules bypass ufw.
+            and (not walled or addr.rsplit(":", 1)[-1] in opened_by_ufw or "docker-proxy" in owner)
         }
     )
     auto = facts["auto_upgrades"].stdout

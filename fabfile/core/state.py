@@ -112,7 +112,8 @@ def previous_good(log: list[Release], sha: str) -> str:
 def current_release(log: list[Release]) -> Release | None:
     """The release serving now: the last entry that ended ok, or the target of the last rollback."""
     for release in reversed(log):
-        if release.result == RESULT_OK:
+        # A rollback leaves its sha checked out even when its health gate failed.
+        if release.result == RESULT_OK or release.kind == "rollback":
             return release
         if release.rolled_back_to:
             return Release(sha=release.rolled_back_to, kind="rollback", result=RESULT_OK)

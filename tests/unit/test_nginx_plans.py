@@ -1,0 +1,243 @@
+"""nginx as data: settings validated before any connection, the site rendered from facts."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import subprocess
+
+import pytest
+from invoke.exceptions import Exit
+
+from fabfile import nginx
+from fabfile.core import task as task_module
+from fabfile.core.batch import ProbeResult
+from fabfile.core.errors import UsageError
+from fabfile.core.settings import Settings
+from fabfile.nginx import DEFAULT_SITE, SITE_FILE, default_site_step, site_settings, site_step
+
+missing = ProbeResult("", 1)
+
+
+def ok(stdout=""):
+    return ProbeResult(stdout, 0)
+
+
+def settings_with(defaults, **dotted):
+    return Settings("production", defaults).with_overrides(dotted)
+
+
+def written(change) -> str:
+    """The file content a write_file_command carries inline (base64)."""
+    payload = re.search(r"printf %s (\S+) \| base64 -d", change.command)[1]
+    return base64.b64decode(payload).decode()
+
+
+def rendered(settings, certificates=missing) -> str:
+    plan = site_step(settings).plan({"content": missing, "meta": missing, "certificates": certificates})
+    (change,) = plan.changes
+    return written(change)
+
+
+def servers(config: str) -> list[str]:
+    """Each top-level `server { ... }` block of the rendered file."""
+    return re.findall(r"^server \{\n(.*?)^\}", config, re.MULTILINE | re.DOTALL)
+
+
+def servers_named(config: str, name: str) -> list[str]:
+    return [block for block in servers(config) if f"    server_name {name};" in block.splitlines()]
+
+
+# --- validation, before any connection -------------------------------------------
+
+
+def test_default_settings_give_three_sites(settings):
+    assert site_settings(settings) == [
+        {"name": "api", "domain": "api.coachntt.ai", "upstream": "127.0.0.1:8000"},
+        {"name": "metrics", "domain": "metrics.coachntt.ai", "upstream": "127.0.0.1:3000"},
+        {"name": "staging", "domain": "staging.api.coachntt.ai", "upstream": "127.0.0.1:8001"},
+    ]
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("domains.api", "api coachntt.ai", "domains.api must be a host name, got 'api coachntt.ai'"),
+        ("domains.metrics", "https://metrics.coachntt.ai", "domains.metrics must be a host name, got 'https://metrics.coachntt.ai'"),
+        ("domains.staging", "staging", "domains.staging must be a host name, got 'staging'"),
+        ("upstreams.api", "127.0.0.1", "upstreams.api must be host:port, got '127.0.0.1'"),
+        ("upstreams.metrics", "http://127.0.0.1:3000", "upstreams.metrics must be host:port, got 'http://127.0.0.1:3000'"),
+        ("upstreams.staging", "127.0.0.1:8001; evil", "upstreams.staging must be host:port, got '127.0.0.1:8001; evil'"),
+    ],
+)
+def test_bad_domain_or_upstream_is_a_usage_error_naming_key_and_value(defaults, key, value, message):
+    with pytest.raises(UsageError) as info:
+        site_settings(settings_with(defaults, **{key: value}))
+    assert info.value.what == message
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("upstream", ["127.0.0.1:99999", "127.0.0.1:0"])
+def test_upstream_port_outside_1_to_65535_is_refused(defaults, upstream):
+    with pytest.raises(UsageError):
+        site_settings(settings_with(defaults, **{"upstreams.api": upstream}))
+
+
+@pytest.mark.parametrize("rate", ["10/s", "fast", "10r/h", "10 r/s"])
+def test_bad_rate_is_refused_when_the_step_is_built(defaults, rate):
+    with pytest.raises(UsageError) as info:
+        site_step(settings_with(defaults, **{"rate_limit.rate": rate}))
+    assert info.value.what == f"rate_limit.rate must look like 10r/s, got '{rate}'"
+
+
+def test_nginx_task_refuses_a_bad_domain_with_exit_2_before_connecting(project_context, mocker, monkeypatch):
+    monkeypatch.setenv("COACHNTT_DOMAINS__API", "api coachntt.ai")
+    target_for = mocker.patch.object(task_module, "target_for")
+    with pytest.raises(Exit) as info:
+        nginx.install(project_context)
+    assert info.value.code == 2
+    assert info.value.message == "error: domains.api must be a host name, got 'api coachntt.ai'; fix it in invoke.yaml or the env file"
+    target_for.assert_not_called()
+
+
+def test_nginx_status_refuses_a_bad_upstream_before_connecting(project_context, mocker, monkeypatch):
+    monkeypatch.setenv("COACHNTT_UPSTREAMS__API", "localhost")
+    target_for = mocker.patch.object(task_module, "target_for")
+    with pytest.raises(Exit) as info:
+        nginx.status(project_context)
+    assert info.value.code == 2
+    target_for.assert_not_called()
+
+
+# --- the rendered site -----------------------------------------------------------
+
+
+def test_site_step_reads_the_file_and_the_certificates(settings):
+    step = site_step(settings)
+    assert step.probes["content"] == f"cat -- {SITE_FILE}"
+    assert step.probes["certificates"] == "ls /etc/letsencrypt/live"
+
+
+def test_new_site_is_written_then_tested_with_nginx_t_before_reload(settings):
+    plan = site_step(settings).plan({"content": missing, "meta": missing, "certificates": missing})
+    (change,) = plan.changes
+    assert change.summary.startswith(f"create {SITE_FILE} ")
+    assert "why=$(nginx -t -q 2>&1)" in change.command
+    assert change.command.index("nginx -t -q") < change.command.index("systemctl reload nginx")
+
+
+def test_without_certificates_every_site_is_plain_http(settings):
+    config = rendered(settings)
+    assert "listen 443" not in config
+    assert "Strict-Transport-Security" not in config
+    assert "return 301" not in config
+    for domain in ("api.coachntt.ai", "metrics.coachntt.ai", "staging.api.coachntt.ai"):
+        (block,) = servers_named(config, domain)
+        assert "    listen 80;" in block.splitlines()
+
+
+def test_certificate_for_api_gives_api_tls_hsts_and_a_redirect_only(settings):
+    config = rendered(settings, ok("README\napi.coachntt.ai"))
+    redirect, tls = servers_named(config, "api.coachntt.ai")
+    assert "location / { return 301 https://$host$request_uri; }" in redirect
+    assert "listen 80;" in redirect and "443" not in redirect
+    assert "    listen 443 ssl;" in tls.splitlines()
+    assert "ssl_certificate /etc/letsencrypt/live/api.coachntt.ai/fullchain.pem;" in tls
+    assert 'add_header Strict-Transport-Security "max-age=31536000; includeSubDomains" always;' in tls
+    (metrics,) = servers_named(config, "metrics.coachntt.ai")
+    assert "listen 443" not in metrics and "Strict-Transport-Security" not in metrics
+
+
+def test_rate_and_burst_come_from_settings(defaults):
+    config = rendered(settings_with(defaults, **{"rate_limit.rate": "30r/m", "rate_limit.burst": 7}))
+    assert "limit_req_zone $binary_remote_addr zone=coachntt_api:10m rate=30r/m;" in config
+    # Three sites, two proxied locations each (/ws and /), every one limited with the same burst.
+    assert re.findall(r"limit_req zone=coachntt_api burst=(\d+) nodelay;", config) == ["7"] * 6
+
+
+def test_websocket_location_upgrades_and_stays_open_for_an_hour(settings):
+    (api,) = servers_named(rendered(settings), "api.coachntt.ai")
+    ws = re.search(r"location /ws \{\n(.*?)\n    \}", api, re.DOTALL)[1]
+    assert "proxy_pass http://127.0.0.1:8000;" in ws
+    assert "proxy_http_version 1.1;" in ws
+    assert "proxy_set_header Upgrade $http_upgrade;" in ws
+    assert "proxy_set_header Connection $connection_upgrade;" in ws
+    assert "proxy_read_timeout 3600s;" in ws
+
+
+def test_each_site_proxies_to_its_own_upstream(settings):
+    config = rendered(settings)
+    (metrics,) = servers_named(config, "metrics.coachntt.ai")
+    assert set(re.findall(r"proxy_pass (\S+);", metrics)) == {"http://127.0.0.1:3000"}
+
+
+def test_any_other_name_gets_no_answer_from_the_default_server(settings):
+    (default,) = servers_named(rendered(settings), "_")
+    assert "listen 80 default_server;" in default
+    assert "location / { return 444; }" in default
+
+
+def test_unchanged_site_is_ok(settings):
+    content = rendered(settings, ok("api.coachntt.ai"))
+    plan = site_step(settings).plan({"content": ok(content.rstrip("\n")), "meta": ok("644 root:root"), "certificates": ok("api.coachntt.ai")})
+    assert plan.changes == ()
+    assert plan.reason == f"{SITE_FILE} up to date"
+
+
+def test_a_new_certificate_updates_an_unchanged_site_to_tls(settings):
+    content = rendered(settings)
+    plan = site_step(settings).plan({"content": ok(content.rstrip("\n")), "meta": ok("644 root:root"), "certificates": ok("api.coachntt.ai")})
+    (change,) = plan.changes
+    assert change.summary.startswith(f"update {SITE_FILE} ")
+    assert "+    listen 443 ssl;" in change.diff
+
+
+# --- default site ----------------------------------------------------------------
+
+
+def test_enabled_default_site_is_removed_then_nginx_tested_and_reloaded():
+    plan = default_site_step().plan({"default": ok()})
+    (change,) = plan.changes
+    assert change.summary == f"remove {DEFAULT_SITE}"
+    assert change.command.startswith(f"rm -f {DEFAULT_SITE} && nginx -t -q && ")
+    assert change.command.index("nginx -t -q") < change.command.index("systemctl reload nginx")
+
+
+def run_with_stubs(tmp_path, script, nginx_status):
+    """`script` under sh with stub nginx/systemctl; returns (exit status, systemctl calls)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "systemctl.log"
+    (bin_dir / "nginx").write_text(f"#!/bin/sh\necho 'nginx: [emerg] broken' >&2\nexit {nginx_status}\n")
+    (bin_dir / "systemctl").write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    result = subprocess.run(["sh", "-c", script], env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+                            capture_output=True, text=True, timeout=10)
+    return result.returncode, calls.read_text().splitlines() if calls.exists() else []
+
+
+def default_site_script(tmp_path):
+    site = tmp_path / "sites-enabled-default"
+    site.write_text("server { listen 80 default_server; }\n")
+    # Never the real /etc/nginx: the file is a copy in tmp_path.
+    return default_site_step().plan({"default": ok()}).script.replace(DEFAULT_SITE, str(site))
+
+
+def test_removing_the_default_site_reloads_nginx_when_its_test_passes(tmp_path):
+    status, calls = run_with_stubs(tmp_path, default_site_script(tmp_path), nginx_status=0)
+    assert (status, calls) == (0, ["reload nginx"])
+    assert not (tmp_path / "sites-enabled-default").exists()
+
+
+def test_a_failing_nginx_test_after_removing_the_default_site_neither_reloads_nor_restarts(tmp_path):
+    status, calls = run_with_stubs(tmp_path, default_site_script(tmp_path), nginx_status=1)
+    assert calls == []
+    assert status != 0
+
+
+def test_no_default_site_is_ok():
+    plan = default_site_step().plan({"default": missing})
+    assert plan.changes == ()
+    assert plan.reason == "default site not enabled"

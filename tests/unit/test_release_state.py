@@ -1,0 +1,243 @@
+"""Planning a rollback or a deploy as data: the release log in, the target and plans out."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from invoke.exceptions import Exit
+
+from fabfile import deploy as deploy_module, rollback as rollback_module
+from fabfile.core import task as task_module, templates
+from fabfile.core.app import App
+from fabfile.core.batch import ProbeResult
+from fabfile.core.errors import UsageError
+from fabfile.core.state import Release, current_release
+from fabfile.deploy import checkout_step, directories_step, env_file_step
+from fabfile.rollback import backup_undoing, choose_target, live_schema, schema_of
+
+A, B, C, D = ("a" * 40, "b" * 40, "c" * 40, "d" * 40)
+# Two releases whose shas share their first 7 digits.
+TWIN_1, TWIN_2 = "abc1234" + "0" * 33, "abc1234" + "f" * 33
+
+missing = ProbeResult("", 1)
+
+
+def ok(stdout=""):
+    return ProbeResult(stdout, 0)
+
+
+def deploy(sha, result="ok", **kw):
+    return Release(sha=sha, kind="deploy", result=result, **kw)
+
+
+def rollback(sha, previous, result="ok", **kw):
+    return Release(sha=sha, kind="rollback", result=result, previous=previous, **kw)
+
+
+def usage_error(log, to):
+    with pytest.raises(UsageError) as info:
+        choose_target(log, to)
+    assert info.value.exit_code == 2
+    return info.value
+
+
+# --- rollback: choosing the target -------------------------------------------------
+
+
+def test_without_to_the_target_is_the_previous_good_release():
+    current, target = choose_target([deploy(A), deploy(B), deploy(C)], "")
+    assert (current.sha, target) == (C, B)
+
+
+def test_without_to_failed_releases_are_skipped():
+    current, target = choose_target([deploy(A), deploy(B, result="failed", rolled_back_to=A), deploy(C)], "")
+    assert (current.sha, target) == (C, A)
+
+
+def test_after_rolling_back_c_to_b_the_next_rollback_goes_to_a_not_c():
+    current, target = choose_target([deploy(A), deploy(B), deploy(C), rollback(B, previous=C)], "")
+    assert (current.sha, target) == (B, A)
+
+
+def test_to_accepts_a_prefix_of_a_good_release():
+    current, target = choose_target([deploy(A), deploy(B), deploy(C)], "aaaaaaa")
+    assert (current.sha, target) == (C, A)
+
+
+def test_to_a_release_that_failed_is_refused_listing_recent_good_ones():
+    log = [deploy(A), deploy(B), deploy(C, result="failed", rolled_back_to=B)]
+    error = usage_error(log, "ccccccc")
+    assert error.what == "'ccccccc' is not a release that went live"
+    assert error.hint == f"recent good releases: {B[:12]}, {A[:12]}"
+
+
+def test_to_a_sha_never_deployed_is_refused():
+    assert usage_error([deploy(A), deploy(B)], "1234567").what == "'1234567' is not a release that went live"
+
+
+def test_recent_good_releases_are_at_most_five_newest_first():
+    shas = [f"{i:x}" * 40 for i in range(1, 8)]
+    error = usage_error([deploy(sha) for sha in shas], "0000000")
+    assert error.hint == "recent good releases: " + ", ".join(sha[:12] for sha in reversed(shas[-5:]))
+
+
+def test_an_ambiguous_prefix_asks_for_more_digits():
+    error = usage_error([deploy(TWIN_1), deploy(TWIN_2), deploy(C)], "abc1234")
+    assert error.what == "'abc1234' matches 2 releases"
+    assert error.hint == "give more digits of the sha"
+
+
+def test_a_longer_prefix_resolves_the_ambiguity():
+    assert choose_target([deploy(TWIN_1), deploy(TWIN_2), deploy(C)], "abc12340")[1] == TWIN_1
+
+
+def test_nothing_deployed_is_a_usage_error():
+    for log in ([], [deploy(A, result="failed")]):
+        assert usage_error(log, "").what == "nothing has been deployed yet"
+
+
+def test_a_single_release_has_nothing_to_roll_back_to():
+    error = usage_error([deploy(A)], "")
+    assert error.what == "no earlier good release to roll back to"
+    assert error.hint == f"good releases: {A[:12]}"
+
+
+# --- rollback: schema and backup --------------------------------------------------
+
+
+def test_schema_of_is_what_the_release_brought_when_it_first_went_live():
+    log = [deploy(A, schema="1"), deploy(B, schema="2"), rollback(A, previous=B, schema="2"), deploy(A, schema="2")]
+    assert schema_of(log, A) == "1"
+    assert schema_of(log, B) == "2"
+    assert schema_of(log, C) == ""
+
+
+def test_live_schema_is_the_newest_recorded_by_any_entry():
+    assert live_schema([deploy(A, schema="1"), deploy(B, schema="2"), rollback(A, previous=B, schema="2")]) == "2"
+    # A rollback that restored the older dump brings the database back to the older schema.
+    assert live_schema([deploy(A, schema="1"), deploy(B, schema="2"), rollback(A, previous=B, schema="1")]) == "1"
+    assert live_schema([deploy(A), deploy(B)]) == ""
+
+
+def test_a_failed_release_that_migrated_still_moves_the_live_schema():
+    log = [deploy(A, schema="1"), deploy(B, result="failed", schema="2", rolled_back_to=A)]
+    assert live_schema(log) == "2"
+
+
+def test_backup_undoing_is_the_dump_taken_just_before_that_sha_migrated():
+    log = [deploy(A, backup="/backups/pre-a.sql.gz"), deploy(B, backup="/backups/pre-b.sql.gz"), deploy(C, backup="/backups/pre-c.sql.gz")]
+    assert backup_undoing(log, B) == "/backups/pre-b.sql.gz"
+
+
+def test_backup_undoing_takes_the_newest_deploy_of_the_sha_and_ignores_rollbacks():
+    log = [deploy(B, backup="/backups/pre-b-1.sql.gz"), deploy(A), deploy(B, backup="/backups/pre-b-2.sql.gz"),
+           rollback(B, previous=A, backup="/backups/not-a-deploy.sql.gz")]
+    assert backup_undoing(log, B) == "/backups/pre-b-2.sql.gz"
+
+
+def test_a_first_deploy_has_no_backup_to_undo():
+    assert backup_undoing([deploy(A)], A) == ""
+
+
+# --- the tasks refuse before changing anything -----------------------------------
+
+
+def test_deploy_refuses_a_sha_that_is_not_a_commit_id_before_connecting(project_context, mocker):
+    target_for = mocker.patch.object(task_module, "target_for")
+    with pytest.raises(Exit) as info:
+        deploy_module.deploy(project_context, sha="main")
+    assert info.value.code == 2
+    assert info.value.message == "error: --sha must be a commit id (7-40 hex digits), got 'main'; copy it from `git log` or the release log"
+    target_for.assert_not_called()
+
+
+def test_rollback_refuses_a_to_that_is_not_a_commit_id_before_connecting(project_context, mocker):
+    target_for = mocker.patch.object(task_module, "target_for")
+    with pytest.raises(Exit) as info:
+        rollback_module.rollback(project_context, to="HEAD~1")
+    assert info.value.code == 2
+    assert "--sha must be a commit id (7-40 hex digits), got 'HEAD~1'" in info.value.message
+    target_for.assert_not_called()
+
+
+def test_rollback_to_a_failed_release_reads_the_log_then_exits_2_without_changing_anything(project_context, mocker, fake_host):
+    log = "\n".join(r.to_json() for r in [deploy(A), deploy(B), deploy(C, result="failed", rolled_back_to=B)])
+    host = fake_host(replies={"releases.jsonl": (0, log + "\n", "")})
+    mocker.patch.object(task_module, "target_for", return_value=host)
+    with pytest.raises(Exit) as info:
+        rollback_module.rollback(project_context, to="ccccccc")
+    assert info.value.code == 2
+    assert info.value.message == f"error: 'ccccccc' is not a release that went live; recent good releases: {B[:12]}, {A[:12]}"
+    assert len(host.sent) == 1 and "tail -n 500 /var/lib/coachntt-ops/releases.jsonl" in host.sent[0]
+
+
+# --- deploy.setup steps -----------------------------------------------------------
+
+
+@pytest.fixture
+def app(settings):
+    return App.from_settings(settings)
+
+
+def test_existing_env_file_is_never_overwritten(app):
+    plan = env_file_step(app).plan({"env": ok()})
+    assert plan.changes == ()
+    assert plan.reason == "/opt/coachntt/.env.production exists (never overwritten)"
+
+
+def test_missing_env_file_is_made_from_the_example_by_make_env(app):
+    step = env_file_step(app)
+    assert step.probes == {"env": "test -e /opt/coachntt/.env.production"}
+    (change,) = step.plan({"env": missing}).changes
+    assert change.summary == "create /opt/coachntt/.env.production from .env.example with generated secrets (mode 600)"
+    assert change.command.startswith("sh -c ")
+    assert templates.script("make-env.sh").splitlines()[-1] in change.command
+    assert change.command.endswith(" make-env /opt/coachntt/.env.example /opt/coachntt/.env.production coachntt:coachntt")
+
+
+def test_checkout_is_skipped_while_the_deploy_user_is_missing(app):
+    plan = checkout_step(app).plan({"owner": missing, "git": missing})
+    assert plan.skip
+    assert plan.reason == "user coachntt missing: run `secure` first"
+
+
+def test_an_existing_checkout_is_ok(app):
+    plan = checkout_step(app).plan({"owner": ok("1000"), "git": ok()})
+    assert (plan.changes, plan.skip) == ((), False)
+    assert plan.reason == "/opt/coachntt is a checkout"
+
+
+def test_a_checkout_without_a_repository_setting_is_a_usage_error(app):
+    with pytest.raises(UsageError) as info:
+        checkout_step(app).plan({"owner": ok("1000"), "git": missing})
+    assert info.value.what == "missing config value 'app.repo'"
+    assert "COACHNTT_APP__REPO=" in info.value.hint
+
+
+def test_missing_checkout_is_cloned_as_the_deploy_user(app):
+    app = dataclasses.replace(app, repo="https://github.com/example/coachntt.git")
+    (change,) = checkout_step(app).plan({"owner": ok("1000"), "git": missing}).changes
+    assert change.summary == "clone https://github.com/example/coachntt.git into /opt/coachntt"
+    assert change.command == (
+        "install -d -o coachntt -g coachntt /opt/coachntt && "
+        "sudo -n -u coachntt git clone --quiet https://github.com/example/coachntt.git /opt/coachntt"
+    )
+
+
+def test_state_and_backup_directories_are_made_with_their_modes(app):
+    plan = directories_step(app).plan({"d0": ok("755 coachntt"), "d1": ok("755 root")})
+    assert [c.command for c in plan.changes] == ["install -d -m 700 -o coachntt -g coachntt /backups"]
+
+
+def test_ready_directories_are_ok(app):
+    assert directories_step(app).plan({"d0": ok("755 coachntt"), "d1": ok("700 coachntt")}).changes == ()
+
+
+def test_after_a_failed_rollback_the_rolled_back_code_counts_as_current():
+    log = [
+        Release("a" * 40, "deploy", "ok"),
+        Release("b" * 40, "deploy", "ok"),
+        Release("a" * 40, "rollback", "failed", previous="b" * 40),
+    ]
+    assert current_release(log).sha == "a" * 40
