@@ -73,7 +73,8 @@ class App:
         """`docker compose` with our files; APP_VERSION tags the api image by release."""
         files = " ".join(f"-f {shlex.quote(f)}" for f in self.compose_files)
         version = f"APP_VERSION={shlex.quote(sha)} " if sha else ""
-        return self.in_dir(f"{version}docker compose {files} {args}")
+        # --ansi never: compose's progress escapes would garble logs we print.
+        return self.in_dir(f"{version}docker compose --ansi never {files} {args}")
 
 
 def fetch_sha(target: Target, app: App, sha: str) -> str:
@@ -111,7 +112,7 @@ def health_gate(target: Target, app: App, *, deadline: int | None = None) -> Gat
     url, limit = shlex.quote(app.health_url), deadline if deadline is not None else app.health_deadline
     result = target.run(
         f"sh -c {script} health-gate {url} {limit} {app.health_interval}"
-        f" || {{ status=$?; echo '--- api logs ---'; {app.compose('logs --no-color --tail 30 api')} 2>&1; exit $status; }}",
+        f" || {{ status=$?; echo '--- api logs ---'; {app.compose('logs --no-color --tail 20 api')} 2>&1; exit $status; }}",
         check=False,
         user=app.owner,
         timeout=limit + 120,
