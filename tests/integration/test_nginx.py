@@ -31,9 +31,13 @@ def http_get(ip: str, host_header: str, path: str = "/") -> tuple[int, dict[str,
     return int(status_line.split()[1]), headers
 
 
-@pytest.fixture(scope="module")
-def proxy_host(vps_factory_module):
-    host = vps_factory_module(flavour="provisioned")
+@pytest.fixture(scope="module", params=["provisioned", "ubuntu-like"])
+def proxy_host(request, vps_factory_module):
+    """A host serving our sites in front of a stub API; the ubuntu-like one gets `deps` first."""
+    host = vps_factory_module(flavour=request.param)
+    if request.param == "ubuntu-like":
+        installed = fab(host, "deps")
+        assert installed.returncode == 0, installed.stdout + installed.stderr
     payload = base64.b64encode(STUB.read_bytes()).decode()
     code, out = console(host, f"echo {payload} | base64 -d > /usr/local/bin/ws_echo_backend.py && "
                               "systemd-run --unit=stub-api python3 /usr/local/bin/ws_echo_backend.py")
