@@ -464,19 +464,29 @@ def teardown_network_if_unused() -> bool:
     return False
 
 
-def console(name: str, cmd: str, timeout: float = 120) -> tuple[int, str]:
-    """Run cmd as root inside the host without ssh (the provider's web console stand-in)."""
+GUEST_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+             "LANG": "C.UTF-8", "TERM": "dumb"}
+
+
+def enter(name: str, cmd: str, *, stdin=None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run cmd as root in the host's namespaces, bytes in and out; stdin: bytes or an open file.
+
+    Harness-side only, like a provider's console: it works whatever sshd allows.
+    """
     require_root()
     pid = leader_pid(name)
-    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
-           "LANG": "C.UTF-8", "TERM": "dumb"}
+    feed = {"input": stdin} if isinstance(stdin, bytes) else {"stdin": stdin or subprocess.DEVNULL}
     try:
-        result = subprocess.run(["nsenter", "-t", str(pid), "-a", "--", "/bin/sh", "-c", cmd],
-                                capture_output=True, text=True, env=env, timeout=timeout,
-                                stdin=subprocess.DEVNULL)
+        return subprocess.run(["nsenter", "-t", str(pid), "-a", "--", "/bin/sh", "-c", cmd],
+                              capture_output=True, env=GUEST_ENV, timeout=timeout, **feed)
     except subprocess.TimeoutExpired:
         raise SandboxError(f"console command on {name} timed out after {timeout:.0f}s") from None
-    return result.returncode, result.stdout + result.stderr
+
+
+def console(name: str, cmd: str, timeout: float = 120) -> tuple[int, str]:
+    """Run cmd as root inside the host without ssh (the provider's web console stand-in)."""
+    result = enter(name, cmd, timeout=timeout)
+    return result.returncode, (result.stdout + result.stderr).decode(errors="replace")
 
 
 def get_host(name: str) -> Host:

@@ -360,24 +360,10 @@ def archive_images(archive: Path) -> dict[str, str]:
 
 
 def host_exec(host, command: str, *, stdin=None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a shell command as root inside a sandbox host; stdin: an open file or bytes.
+    """Run a shell command as root inside a sandbox host (works after `secure` turns root login off)."""
+    from .hosts import enter
 
-    Harness-side only (like the provider's console): it enters the host's namespaces, so it
-    works whatever the host's sshd allows (root login is off after `secure`).
-    """
-    from .hosts import leader_pid
-
-    feed = {"input": stdin} if isinstance(stdin, bytes) else {"stdin": stdin or subprocess.DEVNULL}
-    try:
-        return subprocess.run(
-            ["nsenter", "-t", str(leader_pid(host.name)), "-a", "--", "/bin/sh", "-c", command],
-            **feed,
-            capture_output=True,
-            env={"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8"},
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        raise SandboxError(f"`{command}` on {host.name} timed out after {timeout:.0f}s") from None
+    return enter(host.name, command, stdin=stdin, timeout=timeout)
 
 
 def _present_ids(host, tags: list[str]) -> dict[str, str]:

@@ -68,3 +68,21 @@ def host_state(host) -> str:
     assert code == 0, out
     return out
 
+
+
+DEBIAN_RUNTIME = "python3-fabric python3-invoke python3-dotenv python3-jinja2 python3-yaml"
+
+
+def install_tool_on_host(host, path: str = "/opt/coachntt-ops") -> None:
+    """Put this checkout on the host with Debian's Python packages, as an operator
+    would to run `inv TASK` on the server itself (no PyPI needed there)."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=PROJECT_DIR, capture_output=True, check=True).stdout
+    archive = subprocess.run(["tar", "-c", "--null", "-T", "-"], cwd=PROJECT_DIR, input=files, capture_output=True, check=True).stdout
+    code, out = console(
+        host,
+        f"DEBIAN_FRONTEND=noninteractive apt-get -q -y update >/dev/null && "
+        f"DEBIAN_FRONTEND=noninteractive apt-get -q -y install --no-install-recommends {DEBIAN_RUNTIME} >/dev/null",
+    )
+    assert code == 0, out
+    unpacked = sandbox.hosts.enter(host.name, f"mkdir -p {path} && tar -x -C {path}", stdin=archive)
+    assert unpacked.returncode == 0, unpacked.stderr

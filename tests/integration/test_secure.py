@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from opsrun import console, fab, host_state, json_lines, ssh, ssh_retrying
+from opsrun import console, fab, host_state, install_tool_on_host, json_lines, ssh, ssh_retrying
 
 FLAVOURS = ["fresh", "ubuntu-like"]
 
@@ -100,3 +100,22 @@ def test_fail2ban_bans_a_client_after_repeated_failed_logins(vps_factory):
         time.sleep(2)
     assert "10.201.0.1" in banned, banned
     assert not port_reachable(host.ip, 22), "a banned client must not reach sshd"
+
+
+def test_secure_runs_on_the_server_itself_under_inv(vps_factory):
+    """No SSH at all: `inv` on the host works through a local Context."""
+    host = vps_factory(flavour="fresh")
+    install_tool_on_host(host)
+    operator_key = host.key.with_name(host.key.name + ".pub").read_text().strip()
+
+    code, out = console(host, "cd /opt/coachntt-ops && inv secure.audit")
+    assert code == 1 and "FAIL  root login refused" in out, out
+
+    code, out = console(host, f"cd /opt/coachntt-ops && inv secure --keys '{operator_key}'")
+    assert code == 0, out
+    assert "log in as coachntt from a second terminal" in out, "local runs must tell the operator to prove the login"
+
+    code, out = console(host, "cd /opt/coachntt-ops && inv secure.audit")
+    assert code == 0, out
+    assert ssh_retrying(host, "sudo -n true", user="coachntt").returncode == 0
+    assert ssh_retrying(host, "true", user="root").returncode == 255
