@@ -7,7 +7,7 @@ and the same one-line error handling under both `fab` and `inv`.
 
 `ops` carries the settings, the target (connected on first use, so argument
 validation happens before any connection), the reporter and the plan flag.
-Every task accepts --dry (print the plan, change nothing) and --json.
+Every task accepts --dry (print the plan, change nothing), --diff and --json.
 """
 
 from __future__ import annotations
@@ -27,16 +27,18 @@ from .target import Target, target_for
 COMMON_HELP = {
     "dry": "show what would change (reads facts only, changes nothing)",
     "json": "print one JSON object per line for machines",
+    "diff": "with --dry (or a real run): show the content changes of files",
 }
 
 
 class Ops:
     """What a task body works with: settings, target, reporter, dry flag."""
 
-    def __init__(self, context: Any, *, dry: bool = False, json: bool = False):
+    def __init__(self, context: Any, *, dry: bool = False, json: bool = False, diff: bool = False):
         self.context = context
         self.dry = dry
         self.json = json
+        self.diff = diff
         self.settings = settings_module.from_context(context)
         self._target: Target | None = None
         self._reporter: Reporter | None = None
@@ -58,7 +60,7 @@ class Ops:
     @property
     def reporter(self) -> Reporter:
         if self._reporter is None:
-            self._reporter = Reporter(self.where, json=self.json)
+            self._reporter = Reporter(self.where, json=self.json, show_diff=self.diff)
         return self._reporter
 
     def run_steps(self, steps: list[Step]) -> dict[str, Plan]:
@@ -84,10 +86,10 @@ def ops_task(*args: Any, **kwargs: Any) -> Any:
 
     def decorate(body: Callable[..., Any]) -> Any:
         @functools.wraps(body)
-        def run(c: Any, *a: Any, dry: bool = False, json: bool = False, **kw: Any) -> Any:
+        def run(c: Any, *a: Any, dry: bool = False, json: bool = False, diff: bool = False, **kw: Any) -> Any:
             ops = None
             try:
-                ops = Ops(c, dry=dry, json=json)
+                ops = Ops(c, dry=dry, json=json, diff=diff)
                 return body(ops, *a, **kw)
             except Exception as exc:
                 raise as_exit(exc, ops.where if ops else "localhost") from None
@@ -101,6 +103,7 @@ def ops_task(*args: Any, **kwargs: Any) -> Any:
         shared = [
             inspect.Parameter("dry", inspect.Parameter.KEYWORD_ONLY, default=False),
             inspect.Parameter("json", inspect.Parameter.KEYWORD_ONLY, default=False),
+            inspect.Parameter("diff", inspect.Parameter.KEYWORD_ONLY, default=False),
         ]
         context = inspect.Parameter("c", inspect.Parameter.POSITIONAL_OR_KEYWORD)
         run.__signature__ = inspect.Signature([context, *params, *shared])  # type: ignore[attr-defined]

@@ -29,7 +29,7 @@ def deploy_like(ops, sha="", retries=3):
 
 def test_task_exposes_body_parameters_plus_dry_and_json_to_invoke():
     args = {arg.name: arg for arg in deploy_like.get_arguments()}
-    assert list(args) == ["sha", "retries", "dry", "json"]
+    assert list(args) == ["sha", "retries", "dry", "json", "diff"]
     assert args["retries"].kind is int and args["retries"].default == 3
     assert args["dry"].kind is bool and args["dry"].default is False
     assert args["json"].kind is bool
@@ -42,7 +42,7 @@ def test_bare_decorator_works_and_keeps_name_and_docstring():
     def status(ops):
         """Show status."""
 
-    assert [a.name for a in status.get_arguments()] == ["dry", "json"]
+    assert [a.name for a in status.get_arguments()] == ["dry", "json", "diff"]
     assert status.name == "status"
     assert status.__doc__ == "Show status."
 
@@ -301,3 +301,18 @@ def test_a_not_yet_implemented_task_exits_2(cli):
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and "not implemented yet" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_diff_flag_shows_file_content_changes_in_a_dry_run(project_context, mocker, capsys, fake_host):
+    from fabfile.core.remote import file_step
+
+    missing_file = fake_host(facts={"cat -- /etc/motd": ("", 1), "stat -c '%a %U:%G' -- /etc/motd": ("", 1)})
+    mocker.patch.object(task_module, "target_for", return_value=missing_file)
+
+    @ops_task
+    def configure(ops):
+        ops.run_steps([file_step("motd", "/etc/motd", "hello\n")])
+
+    configure(project_context, dry=True, diff=True)
+    out = capsys.readouterr().out
+    assert "would change" in out and "+hello" in out
