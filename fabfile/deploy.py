@@ -24,7 +24,7 @@ import shlex
 from invoke import Collection
 
 from .core import state, templates
-from .core.app import App, fetch_sha, health_gate, switch_to, validate_sha
+from .core.app import App, fetch_sha, health_gate, release_facts, report_failed_gate, switch_to, validate_sha
 from .core.batch import gather
 from .core.errors import OpsError, UsageError
 from .core.steps import Change, Facts, Plan, Step
@@ -95,15 +95,6 @@ def setup(ops):
 # -- deploy -------------------------------------------------------------------------
 
 
-def read_release_log(ops, app: App) -> tuple[list[state.Release], str]:
-    """The release log and the checked-out sha, in one round trip."""
-    facts = gather(ops.target, {
-        "log": state.read_log_command(app.state_dir),
-        "head": f"git -C {shlex.quote(app.dir)} rev-parse HEAD",
-    }, sudo=False)
-    return state.parse_log(facts["log"].stdout), facts["head"].stdout.strip() if facts["head"].ok else ""
-
-
 def migrate(ops, app: App, sha: str) -> str:
     """Run the migrations; return the schema version the app reports."""
     result = ops.target.run(app.compose("run --rm -T api python -m scripts.migrate", sha), user=app.owner, timeout=600)
@@ -125,16 +116,6 @@ def backup_before_migrate(ops, app: App, sha: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-def report_failed_gate(ops, gate) -> None:
-    ops.reporter.info("  last health responses:")
-    for line in gate.responses[-5:]:
-        ops.reporter.info(f"    {line}")
-    if gate.logs:
-        ops.reporter.info("  api container, last log lines:")
-        for line in gate.logs.splitlines()[-30:]:
-            ops.reporter.info(f"    {line}")
-
-
 def roll_back_after_failure(ops, app: App, release: state.Release, good: list[str], why: str) -> None:
     """Put the last good release back, log the failed attempt, and raise."""
     fallback = next((sha for sha in good if sha != release.sha), "")
@@ -146,7 +127,7 @@ def roll_back_after_failure(ops, app: App, release: state.Release, good: list[st
         switch_to(ops.target, app, fallback, recreate=True)
         gate = health_gate(ops.target, app)
         if not gate.passed:
-            report_failed_gate(ops, gate)
+            report_failed_gate(ops.reporter, gate)
     release.rolled_back_to = fallback if gate.passed else ""
     state.append(ops.target, app.state_dir, release)
     if gate.passed:
@@ -163,7 +144,7 @@ def deploy(ops, sha="", message="", break_lock=False):
     """Deploy one exact sha: lock, fetch, backup, migrate, start, health gate, log."""
     sha = validate_sha(sha)
     app = App.from_settings(ops.settings)
-    log, head = read_release_log(ops, app)
+    log, head = release_facts(ops.target, app)
     current = state.current_release(log)
     good = state.good_releases(log)
     if ops.dry:
@@ -181,7 +162,7 @@ def deploy(ops, sha="", message="", break_lock=False):
             with ops.reporter.phase("health gate", reason=f"{full_sha[:12]} already live: checked only"):
                 gate = health_gate(ops.target, app)
                 if not gate.passed:
-                    report_failed_gate(ops, gate)
+                    report_failed_gate(ops.reporter, gate)
                     raise OpsError(f"{full_sha[:12]} is live but unhealthy", "see the responses above; `rollback` to the previous good release")
             release.kind, release.result, release.finished = "verify", state.RESULT_OK, state.now()
             state.append(ops.target, app.state_dir, release)
@@ -205,7 +186,7 @@ def deploy(ops, sha="", message="", break_lock=False):
         with ops.reporter.phase("health gate"):
             gate = health_gate(ops.target, app)
         if not gate.passed:
-            report_failed_gate(ops, gate)
+            report_failed_gate(ops.reporter, gate)
             roll_back_after_failure(ops, app, release, good, f"/health did not answer 200 within {app.health_deadline}s")
         release.result, release.finished = state.RESULT_OK, state.now()
         state.append(ops.target, app.state_dir, release)
@@ -216,7 +197,7 @@ def deploy(ops, sha="", message="", break_lock=False):
 def history(ops):
     """The release log: every deploy and rollback attempt, newest last."""
     app = App.from_settings(ops.settings)
-    log, _ = read_release_log(ops, app)
+    log, _ = release_facts(ops.target, app)
     for r in log:
         extra = f" -> rolled back to {r.rolled_back_to[:12]}" if r.rolled_back_to else ""
         ops.reporter.info(f"  {r.started or r.finished:<20} {r.kind:<8} {r.sha[:12]:<12} {r.result:<6} schema {r.schema or '-':<4} {r.who}{extra}")

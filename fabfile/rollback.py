@@ -19,15 +19,10 @@ import shlex
 from invoke import Collection
 
 from .core import state, templates
-from .core.app import App, health_gate, switch_to, validate_sha
+from .core.app import App, health_gate, release_facts, report_failed_gate, switch_to, validate_sha
 from .core.errors import OpsError, UsageError
 from .core.target import command_failed
 from .core.task import ops_task
-
-
-def read_log(ops, app: App) -> list[state.Release]:
-    result = ops.target.run(state.read_log_command(app.state_dir), check=False)
-    return state.parse_log(result.stdout)
 
 
 def choose_target(log: list[state.Release], to: str) -> tuple[state.Release, str]:
@@ -87,7 +82,7 @@ def rollback(ops, to="", with_db=False, yes=False, break_lock=False):
     """Roll back to a previous good release (code + containers, optionally the DB)."""
     validate_sha(to)
     app = App.from_settings(ops.settings)
-    log = read_log(ops, app)
+    log, _ = release_facts(ops.target, app)
     current, target_sha = choose_target(log, to)
 
     backup = backup_undoing(log, current.sha)
@@ -119,8 +114,7 @@ def rollback(ops, to="", with_db=False, yes=False, break_lock=False):
         entry.result, entry.finished = (state.RESULT_OK if gate.passed else state.RESULT_FAILED), state.now()
         state.append(ops.target, app.state_dir, entry)
         if not gate.passed:
-            for line in gate.responses[-5:] + gate.logs.splitlines()[-20:]:
-                ops.reporter.info(f"    {line}")
+            report_failed_gate(ops.reporter, gate)
             raise OpsError(f"rolled back to {target_sha[:12]} but /health did not answer 200", "see the responses above")
 
 
@@ -128,7 +122,7 @@ def rollback(ops, to="", with_db=False, yes=False, break_lock=False):
 def list_(ops):
     """Releases you can roll back to, newest first."""
     app = App.from_settings(ops.settings)
-    log = read_log(ops, app)
+    log, _ = release_facts(ops.target, app)
     current = state.current_release(log)
     for sha in state.good_releases(log):
         marker = "  (live)" if current and sha == current.sha else ""

@@ -14,7 +14,8 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from . import templates
+from . import state, templates
+from .batch import gather
 from .errors import OpsError, UsageError
 from .settings import Settings
 from .target import Target
@@ -119,3 +120,23 @@ def health_gate(target: Target, app: App, *, deadline: int | None = None) -> Gat
     )
     responses, _, logs = result.stdout.partition("--- api logs ---")
     return GateResult(result.ok, responses.strip().splitlines(), logs.strip())
+
+
+def release_facts(target: Target, app: App) -> tuple[list[state.Release], str]:
+    """The release log and the checked-out sha, in one round trip."""
+    facts = gather(target, {
+        "log": state.read_log_command(app.state_dir),
+        "head": f"git -C {shlex.quote(app.dir)} rev-parse HEAD",
+    }, sudo=False)
+    return state.parse_log(facts["log"].stdout), facts["head"].stdout.strip() if facts["head"].ok else ""
+
+
+def report_failed_gate(reporter, gate: GateResult) -> None:
+    """What the service really said: the last health responses and the api's last log lines."""
+    reporter.info("  last health responses:")
+    for line in gate.responses[-5:]:
+        reporter.info(f"    {line}")
+    if gate.logs:
+        reporter.info("  api container, last log lines:")
+        for line in gate.logs.splitlines()[-20:]:
+            reporter.info(f"    {line}")

@@ -163,7 +163,10 @@ def test_rollback_refuses_a_to_that_is_not_a_commit_id_before_connecting(project
 
 def test_rollback_to_a_failed_release_reads_the_log_then_exits_2_without_changing_anything(project_context, mocker, fake_host):
     log = "\n".join(r.to_json() for r in [deploy(A), deploy(B), deploy(C, result="failed", rolled_back_to=B)])
-    host = fake_host(replies={"releases.jsonl": (0, log + "\n", "")})
+    host = fake_host(facts={
+        "tail -n 500 /var/lib/coachntt-ops/releases.jsonl 2>/dev/null || true": (log, 0),
+        "git -C /opt/coachntt rev-parse HEAD": (B, 0),
+    })
     mocker.patch.object(task_module, "target_for", return_value=host)
     with pytest.raises(Exit) as info:
         rollback_module.rollback(project_context, to="ccccccc")
