@@ -7,8 +7,8 @@ Runbook (`fab -H root@HOST -i KEY secure`):
     3. its SSH key                     the key this run logged in with (or settings)
     4. passwordless sudo               validated sudoers drop-in
     -- prove: a second connection logs in as coachntt and runs sudo --
-    5. sshd as a service               off ssh.socket activation, so its settings apply
-       sshd hardening                  drop-in that wins over cloud-init; sshd -t; reload
+    5. sshd hardening                  drop-in that wins over cloud-init; sshd -t; then a
+                                       reload that works with ssh.socket activation too
     6. small DH moduli removed
     7. firewall                        allow 22/80/443 BEFORE enabling, deny the rest
     8. fail2ban                        sshd jail on the journal
@@ -19,6 +19,8 @@ After the first run, use `fab -H coachntt@HOST secure`; a second run changes not
 """
 
 from __future__ import annotations
+
+import shlex
 
 from invoke import Collection
 
@@ -58,14 +60,10 @@ HOST_KEY_ALGORITHMS = [
 HOST_KEYS = ["/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/ssh_host_rsa_key"]
 
 SSHD_DROP_IN = "/etc/ssh/sshd_config.d/00-coachntt-hardening.conf"
-RELOAD_SSHD = "if systemctl is-active --quiet ssh.service; then systemctl reload ssh.service; else systemctl start ssh.service; fi"
-# ssh.socket (Ubuntu 24.04's default) owns the listening socket, so sshd_config's
-# Port/ListenAddress are ignored and a reload can leave sshd unable to bind.
-# Run sshd as a plain service instead; open sessions are separate processes
-# and survive the switch.
-SOCKET_TO_SERVICE = (
-    "systemctl disable --now ssh.socket && systemctl enable ssh.service && systemctl restart ssh.service"
-)
+# Socket activation (Ubuntu 24.04's ssh.socket) is kept: the script restarts or
+# reloads sshd the way each setup needs. We keep port 22, so ssh.socket's
+# ListenStream and sshd_config agree.
+RELOAD_SSHD = f"sh -c {shlex.quote(templates.script('reload-sshd.sh'))}"
 HARDENING_PACKAGES = ["ufw", "fail2ban", "python3-systemd", "unattended-upgrades"]
 
 
@@ -116,19 +114,6 @@ def sudoers_step(user: str) -> Step:
         templates.render("sudoers/90-coachntt.j2", user=user),
         mode="0440",
         validate=f"visudo -cq -f {path}",
-    )
-
-
-def ssh_service_step() -> Step:
-    def plan(facts: Facts) -> Plan:
-        if facts["socket"].stdout.strip() not in ("enabled", "active") and not facts["socket_active"].ok:
-            return Plan.ok("sshd runs as ssh.service")
-        return Plan.change(Change("switch sshd from ssh.socket activation to ssh.service", SOCKET_TO_SERVICE))
-
-    return Step(
-        "sshd listens itself",
-        probes={"socket": "systemctl is-enabled ssh.socket", "socket_active": "systemctl is-active --quiet ssh.socket"},
-        plan=plan,
     )
 
 
@@ -280,14 +265,13 @@ def secure(ops, keys=""):
     ])
 
     planned = ops.plan([
-        ssh_service_step(),
         sshd_step(),
         moduli_step(),
         firewall_step(allow),
         *fail2ban_steps(settings),
         *unattended_upgrades_steps(),
     ])
-    sshd_changes = any(plan.changes for step, plan in planned if step.name in ("sshd listens itself", "sshd hardening"))
+    sshd_changes = any(plan.changes for step, plan in planned if step.name == "sshd hardening")
     if sshd_changes and not ops.dry:
         prove_deploy_login(ops, user)
     ops.apply(planned)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -169,6 +170,16 @@ def test_the_relay_refuses_targets_outside_the_sandbox():
 
 
 # Last on purpose: down_all destroys every sandbox host on this machine.
+def test_sandbox_release_rehearses_the_whole_runbook_through_the_cli(sandbox_ready):
+    """The README's first command ends with this: it must stay true."""
+    result = subprocess.run([str(Path(sys.executable).parent / "inv"), "sandbox.release"],
+                            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    assert "rehearsal passed" in result.stdout
+    assert "rolled back to" in result.stderr, "the broken release must have been rolled back automatically"
+    assert "rehearsal" not in [host.name for host in sandbox.list_hosts()], "the rehearsal host is gone"
+
+
 def test_down_all_leaves_no_mount_veth_process_or_cgroup_of_ours(vps_factory):
     hosts = [vps_factory("fresh"), vps_factory("provisioned")]
     foreign = {h.name for h in sandbox.list_hosts()} - {h.name for h in hosts}

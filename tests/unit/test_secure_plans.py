@@ -7,21 +7,20 @@ from __future__ import annotations
 
 import base64
 import re
+import subprocess
 
 import pytest
 from invoke.exceptions import Exit
 
 from fabfile import secure
-from fabfile.core import task as task_module
+from fabfile.core import task as task_module, templates
 from fabfile.core.batch import ProbeResult
 from fabfile.secure import (
-    SOCKET_TO_SERVICE,
     SSHD_DROP_IN,
     audit_findings,
     deploy_user_step,
     firewall_step,
     moduli_step,
-    ssh_service_step,
     sshd_step,
 )
 
@@ -221,25 +220,42 @@ def test_the_same_drop_in_on_a_newer_openssh_is_updated_to_add_mlkem():
     assert "mlkem768x25519-sha256" in written(plan.changes[0])
 
 
-# --- sshd as a service -----------------------------------------------------------
+# --- applying sshd configuration (scripts/reload-sshd.sh with a stub systemctl) ----
 
 
-@pytest.mark.parametrize(
-    "enabled,active",
-    [(ok("enabled"), ok()), (ok("enabled"), failed()), (failed("disabled"), ok())],
-    ids=["enabled+active", "enabled only", "active only"],
-)
-def test_socket_activation_is_switched_to_ssh_service(enabled, active):
-    plan = ssh_service_step().plan({"socket": enabled, "socket_active": active})
-    assert commands(plan) == [SOCKET_TO_SERVICE]
-    assert SOCKET_TO_SERVICE.startswith("systemctl disable --now ssh.socket")
+def run_reload_script(tmp_path, *, socket_active: bool, accept: str = "no", service_active: bool = True) -> list[str]:
+    calls = tmp_path / "calls"
+    stub = tmp_path / "bin" / "systemctl"
+    stub.parent.mkdir()
+    stub.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {calls}\n'
+        'case "$*" in\n'
+        f'  "is-active --quiet ssh.socket") exit {0 if socket_active else 3} ;;\n'
+        f'  "is-active --quiet ssh.service") exit {0 if service_active else 3} ;;\n'
+        f'  "show -p Accept --value ssh.socket") echo {accept} ;;\n'
+        "esac\n"
+    )
+    stub.chmod(0o755)
+    subprocess.run(["sh", "-c", templates.script("reload-sshd.sh")], check=True,
+                   env={"PATH": f"{stub.parent}:/usr/bin:/bin"})
+    return [line for line in calls.read_text().splitlines() if not line.startswith(("is-active", "show"))]
 
 
-@pytest.mark.parametrize("enabled", [failed("disabled"), failed("masked"), ProbeResult("", 4)], ids=["disabled", "masked", "no unit"])
-def test_sshd_without_an_active_socket_is_ok(enabled):
-    plan = ssh_service_step().plan({"socket": enabled, "socket_active": ProbeResult("", 3)})
-    assert plan.changes == ()
-    assert plan.reason == "sshd runs as ssh.service"
+def test_socket_activated_sshd_like_ubuntu_is_restarted_to_get_the_socket_handed_over(tmp_path):
+    assert run_reload_script(tmp_path, socket_active=True, accept="no") == ["restart ssh.service"]
+
+
+def test_per_connection_socket_activation_needs_nothing(tmp_path):
+    assert run_reload_script(tmp_path, socket_active=True, accept="yes") == []
+
+
+def test_a_plain_ssh_service_is_reloaded(tmp_path):
+    assert run_reload_script(tmp_path, socket_active=False) == ["reload ssh.service"]
+
+
+def test_a_stopped_ssh_service_is_started(tmp_path):
+    assert run_reload_script(tmp_path, socket_active=False, service_active=False) == ["start ssh.service"]
 
 
 # --- DH moduli -------------------------------------------------------------------
