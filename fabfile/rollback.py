@@ -80,7 +80,7 @@ def restore_database(ops, app: App, backup: str) -> None:
 })
 def rollback(ops, to="", with_db=False, yes=False, break_lock=False):
     """Roll back to a previous good release (code + containers, optionally the DB)."""
-    validate_sha(to)
+    validate_sha(to, flag="--to")
     app = App.from_settings(ops.settings)
     log, _ = release_facts(ops.target, app)
     current, target_sha = choose_target(log, to)

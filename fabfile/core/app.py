@@ -23,10 +23,10 @@ from .target import Target
 _SHA = re.compile(r"^[0-9a-f]{7,40}$")
 
 
-def validate_sha(sha: str) -> str:
+def validate_sha(sha: str, flag: str = "--sha") -> str:
     """Fail before connecting when the sha cannot be a commit id."""
     if sha and not _SHA.match(sha):
-        raise UsageError(f"--sha must be a commit id (7-40 hex digits), got '{sha}'", "copy it from `git log` or the release log")
+        raise UsageError(f"{flag} must be a commit id (7-40 hex digits), got '{sha}'", "copy it from `git log` or the release log")
     return sha
 
 

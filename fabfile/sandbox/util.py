@@ -23,25 +23,23 @@ def run(cmd: list[str], check: bool = True, **kwargs) -> subprocess.CompletedPro
 
 
 @contextlib.contextmanager
+def _flock(name: str, mode: int):
+    with open(run_dir() / f"{name}.lock", "w") as handle:
+        fcntl.flock(handle, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def file_lock(name: str):
     """An exclusive lock shared by every process using the same cache dir."""
-    with open(run_dir() / f"{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return _flock(name, fcntl.LOCK_EX)
 
 
-@contextlib.contextmanager
 def shared_lock(name: str):
     """Held (shared) by every user of a resource; see try_exclusive_lock."""
-    with open(run_dir() / f"{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return _flock(name, fcntl.LOCK_SH)
 
 
 @contextlib.contextmanager

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 
+from fabfile.sandbox.network import port_open
 from opsrun import console, fab, host_state, install_tool_on_host, json_lines, ssh, ssh_retrying
 
 FLAVOURS = ["fresh", "ubuntu-like"]
-
-
-def port_reachable(ip: str, port: int) -> bool:
-    try:
-        with socket.create_connection((ip, port), timeout=2):
-            return True
-    except OSError:
-        return False
 
 
 def start_listener(host, port: int) -> None:
@@ -34,7 +26,7 @@ def start_listener(host, port: int) -> None:
 def test_secure_hardens_a_fresh_host_without_locking_out_the_operator(vps_factory, flavour):
     host = vps_factory(flavour=flavour)
     start_listener(host, 8080)
-    assert port_reachable(host.ip, 8080), "before secure the test port must be reachable, or the test proves nothing"
+    assert port_open(host.ip, 8080), "before secure the test port must be reachable, or the test proves nothing"
     assert fab(host, "secure.audit").returncode != 0, "audit must fail on a fresh host"
 
     result = fab(host, "secure")
@@ -49,7 +41,7 @@ def test_secure_hardens_a_fresh_host_without_locking_out_the_operator(vps_factor
     deploy = ssh_retrying(host, "sudo -n id -u", user="coachntt")
     assert deploy.returncode == 0 and deploy.stdout.strip() == "0", deploy.stderr
 
-    assert not port_reachable(host.ip, 8080), "ufw must block ports outside 22/80/443"
+    assert not port_open(host.ip, 8080), "ufw must block ports outside 22/80/443"
     assert console(host, "curl -s -o /dev/null http://127.0.0.1:8080/")[0] == 0, "the listener itself still runs"
 
     audit = fab(host, "secure.audit", user="coachntt")
@@ -99,7 +91,7 @@ def test_fail2ban_bans_a_client_after_repeated_failed_logins(vps_factory):
         ssh(host, "true", user="nosuchuser")
         time.sleep(2)
     assert "10.201.0.1" in banned, banned
-    assert not port_reachable(host.ip, 22), "a banned client must not reach sshd"
+    assert not port_open(host.ip, 22), "a banned client must not reach sshd"
 
 
 def test_secure_runs_on_the_server_itself_under_inv(vps_factory):

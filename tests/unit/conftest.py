@@ -132,3 +132,25 @@ def current_owner() -> str:
 @pytest.fixture
 def project_dir() -> Path:
     return PROJECT_DIR
+
+
+@pytest.fixture
+def refused_before_connecting(project_context, mocker, monkeypatch):
+    """Run a task with environment overrides; it must exit without ever opening a target.
+
+    Returns the invoke Exit it raised (code and one-line message).
+    """
+    from invoke.exceptions import Exit
+
+    from fabfile.core import task as task_module
+
+    def run(task, env: dict | None = None, **kwargs):
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        target_for = mocker.patch.object(task_module, "target_for")
+        with pytest.raises(Exit) as info:
+            task(project_context, **kwargs)
+        target_for.assert_not_called()
+        return info.value
+
+    return run

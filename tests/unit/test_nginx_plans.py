@@ -8,10 +8,8 @@ import re
 import subprocess
 
 import pytest
-from invoke.exceptions import Exit
 
 from fabfile import nginx
-from fabfile.core import task as task_module
 from fabfile.core.batch import ProbeResult
 from fabfile.core.errors import UsageError
 from fabfile.core.settings import Settings
@@ -91,23 +89,14 @@ def test_bad_rate_is_refused_when_the_step_is_built(defaults, rate):
     assert info.value.what == f"rate_limit.rate must look like 10r/s, got '{rate}'"
 
 
-def test_nginx_task_refuses_a_bad_domain_with_exit_2_before_connecting(project_context, mocker, monkeypatch):
-    monkeypatch.setenv("COACHNTT_DOMAINS__API", "api coachntt.ai")
-    target_for = mocker.patch.object(task_module, "target_for")
-    with pytest.raises(Exit) as info:
-        nginx.install(project_context)
-    assert info.value.code == 2
-    assert info.value.message == "error: domains.api must be a host name, got 'api coachntt.ai'; fix it in invoke.yaml or the env file"
-    target_for.assert_not_called()
+def test_nginx_task_refuses_a_bad_domain_with_exit_2_before_connecting(refused_before_connecting):
+    exit_ = refused_before_connecting(nginx.install, env={"COACHNTT_DOMAINS__API": "api coachntt.ai"})
+    assert exit_.code == 2
+    assert exit_.message == "error: domains.api must be a host name, got 'api coachntt.ai'; fix it in invoke.yaml or the env file"
 
 
-def test_nginx_status_refuses_a_bad_upstream_before_connecting(project_context, mocker, monkeypatch):
-    monkeypatch.setenv("COACHNTT_UPSTREAMS__API", "localhost")
-    target_for = mocker.patch.object(task_module, "target_for")
-    with pytest.raises(Exit) as info:
-        nginx.status(project_context)
-    assert info.value.code == 2
-    target_for.assert_not_called()
+def test_nginx_status_refuses_a_bad_upstream_before_connecting(refused_before_connecting):
+    assert refused_before_connecting(nginx.status, env={"COACHNTT_UPSTREAMS__API": "localhost"}).code == 2
 
 
 # --- the rendered site -----------------------------------------------------------

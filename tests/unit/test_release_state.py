@@ -143,22 +143,16 @@ def test_a_first_deploy_has_no_backup_to_undo():
 # --- the tasks refuse before changing anything -----------------------------------
 
 
-def test_deploy_refuses_a_sha_that_is_not_a_commit_id_before_connecting(project_context, mocker):
-    target_for = mocker.patch.object(task_module, "target_for")
-    with pytest.raises(Exit) as info:
-        deploy_module.deploy(project_context, sha="main")
-    assert info.value.code == 2
-    assert info.value.message == "error: --sha must be a commit id (7-40 hex digits), got 'main'; copy it from `git log` or the release log"
-    target_for.assert_not_called()
+def test_deploy_refuses_a_sha_that_is_not_a_commit_id_before_connecting(refused_before_connecting):
+    exit_ = refused_before_connecting(deploy_module.deploy, sha="main")
+    assert exit_.code == 2
+    assert exit_.message == "error: --sha must be a commit id (7-40 hex digits), got 'main'; copy it from `git log` or the release log"
 
 
-def test_rollback_refuses_a_to_that_is_not_a_commit_id_before_connecting(project_context, mocker):
-    target_for = mocker.patch.object(task_module, "target_for")
-    with pytest.raises(Exit) as info:
-        rollback_module.rollback(project_context, to="HEAD~1")
-    assert info.value.code == 2
-    assert "--sha must be a commit id (7-40 hex digits), got 'HEAD~1'" in info.value.message
-    target_for.assert_not_called()
+def test_rollback_refuses_a_to_that_is_not_a_commit_id_before_connecting(refused_before_connecting):
+    exit_ = refused_before_connecting(rollback_module.rollback, to="HEAD~1")
+    assert exit_.code == 2
+    assert "--to must be a commit id (7-40 hex digits), got 'HEAD~1'" in exit_.message
 
 
 def test_rollback_to_a_failed_release_reads_the_log_then_exits_2_without_changing_anything(project_context, mocker, fake_host):

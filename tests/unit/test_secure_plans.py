@@ -441,16 +441,12 @@ def test_auto_upgrades_file_without_the_service_enabled_fails():
 # --- the task refuses before connecting -------------------------------------------
 
 
-def test_secure_refuses_a_firewall_without_ssh_with_exit_2_before_connecting(project_context, mocker, monkeypatch):
-    monkeypatch.setenv("COACHNTT_FIREWALL__ALLOW", "80/tcp,443/tcp")
-    target_for = mocker.patch.object(task_module, "target_for")
-    with pytest.raises(Exit) as info:
-        secure.secure(project_context)
-    assert info.value.code == 2
-    assert info.value.message == (
+def test_secure_refuses_a_firewall_without_ssh_with_exit_2_before_connecting(refused_before_connecting):
+    exit_ = refused_before_connecting(secure.secure, env={"COACHNTT_FIREWALL__ALLOW": "80/tcp,443/tcp"})
+    assert exit_.code == 2
+    assert exit_.message == (
         "error: firewall.allow must keep SSH open, got ['80/tcp', '443/tcp']; add 22/tcp so you are not locked out"
     )
-    target_for.assert_not_called()
 
 
 @pytest.mark.parametrize("ssh_rule", ["22", "OpenSSH", "ssh"])
