@@ -1,8 +1,9 @@
 """deploy: ship one exact sha, gated, locked, recorded, reversible.
 
 Runbook (`fab -H coachntt@HOST deploy --sha <sha>`):
-    0. deploy lock          one release at a time (who/when if refused)
+    0. deploy lock          one release at a time (who/when if refused; --lock-wait N)
     1. fetch                git fetch; the sha must exist (else exit 2, nothing changed)
+       pre_deploy hook      optional; a failure stops here, nothing changed
     2. backup database      pg_dump before anything touches the schema
     3. checkout + build     exactly that sha; images tagged with it
     4. database up          PostgreSQL first, wait until healthy
@@ -11,6 +12,7 @@ Runbook (`fab -H coachntt@HOST deploy --sha <sha>`):
     7. health gate          /health must answer 200 before the deadline
     on failure after 3:     automatic rollback to the last good release
     always:                 a release log entry; the lock released
+    after success:          optional post_deploy hook
 
 `deploy.setup` prepares a host once (checkout, .env.production with generated
 secrets, state and backup directories). `deploy.history` shows the release log,
@@ -116,6 +118,20 @@ def backup_before_migrate(ops, app: App, sha: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
+def run_hook(ops, app: App, name: str, release: state.Release) -> None:
+    """An operator's hook (settings app.hooks.<name>), with the release in its environment."""
+    command = ops.settings.get(f"app.hooks.{name}")
+    if not command:
+        return
+    env = " ".join(
+        f"{key}={shlex.quote(value)}"
+        for key, value in (("COACHNTT_HOOK", name), ("COACHNTT_SHA", release.sha),
+                           ("COACHNTT_PREVIOUS_SHA", release.previous), ("COACHNTT_WHO", release.who))
+    )
+    with ops.reporter.phase(f"{name} hook"):
+        ops.target.run(app.in_dir(f"{env} sh -c {shlex.quote(command)}"), user=app.owner, timeout=600)
+
+
 def roll_back_after_failure(ops, app: App, release: state.Release, good: list[str], why: str) -> None:
     """Put the last good release back, log the failed attempt, and raise."""
     fallback = next((sha for sha in good if sha != release.sha), "")
@@ -139,8 +155,9 @@ def roll_back_after_failure(ops, app: App, release: state.Release, good: list[st
     "sha": "commit to deploy (default: tip of app.branch)",
     "message": "why this release, for the release log",
     "break_lock": "remove a stale deploy lock first (its holder is gone)",
+    "lock_wait": "seconds to wait for another release to finish (default: refuse at once)",
 })
-def deploy(ops, sha="", message="", break_lock=False):
+def deploy(ops, sha="", message="", break_lock=False, lock_wait=0):
     """Deploy one exact sha: lock, fetch, backup, migrate, start, health gate, log."""
     sha = validate_sha(sha)
     app = App.from_settings(ops.settings)
@@ -152,7 +169,7 @@ def deploy(ops, sha="", message="", break_lock=False):
                           "lock, fetch, backup, checkout + build, database up, migrate, start, health gate")
         return
 
-    with state.deploy_lock(ops.target, app.state_dir, sha or app.branch, message, break_stale=break_lock):
+    with state.deploy_lock(ops.target, app.state_dir, sha or app.branch, message, break_stale=break_lock, wait=int(lock_wait)):
         with ops.reporter.phase("fetch"):
             full_sha = fetch_sha(ops.target, app, sha)
         release = state.Release(sha=full_sha, kind="deploy", previous=current.sha if current else "",
@@ -168,6 +185,7 @@ def deploy(ops, sha="", message="", break_lock=False):
             state.append(ops.target, app.state_dir, release)
             return
 
+        run_hook(ops, app, "pre_deploy", release)  # may veto: nothing has changed yet
         with ops.reporter.phase("backup database"):
             release.backup = backup_before_migrate(ops, app, full_sha)
         try:
@@ -191,6 +209,10 @@ def deploy(ops, sha="", message="", break_lock=False):
         release.result, release.finished = state.RESULT_OK, state.now()
         state.append(ops.target, app.state_dir, release)
         ops.reporter.info(f"  live: {full_sha[:12]} (schema {release.schema or '?'}, backup {release.backup or 'none'})")
+        try:
+            run_hook(ops, app, "post_deploy", release)
+        except OpsError as exc:
+            ops.reporter.info(f"  warning: the post_deploy hook failed ({exc.one_line()}); the release stays live")
 
 
 @ops_task

@@ -77,8 +77,9 @@ def restore_database(ops, app: App, backup: str) -> None:
     "with_db": "also restore the database backup taken before the release being undone",
     "yes": "do not ask before restoring the database",
     "break_lock": "remove a stale deploy lock first",
+    "lock_wait": "seconds to wait for a running release to finish",
 })
-def rollback(ops, to="", with_db=False, yes=False, break_lock=False):
+def rollback(ops, to="", with_db=False, yes=False, break_lock=False, lock_wait=0):
     """Roll back to a previous good release (code + containers, optionally the DB)."""
     validate_sha(to, flag="--to")
     app = App.from_settings(ops.settings)
@@ -99,7 +100,7 @@ def rollback(ops, to="", with_db=False, yes=False, break_lock=False):
         ops.reporter.info(f"  would roll back {current.sha[:12]} -> {target_sha[:12]}" + (f" and restore {backup}" if with_db else ""))
         return
 
-    with state.deploy_lock(ops.target, app.state_dir, target_sha, "rollback", break_stale=break_lock):
+    with state.deploy_lock(ops.target, app.state_dir, target_sha, "rollback", break_stale=break_lock, wait=int(lock_wait)):
         entry = state.Release(sha=target_sha, kind="rollback", previous=current.sha, who=state.operator(),
                               started=state.now(),
                               # The database keeps its schema unless we restore the older dump.

@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import socket
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -129,16 +130,25 @@ def lock_status_command(state_dir: str) -> str:
 
 
 @contextmanager
-def deploy_lock(target: Target, state_dir: str, sha: str, message: str, *, break_stale: bool = False) -> Iterator[None]:
-    """Hold the deploy lock for the block; released on every exit path."""
+def deploy_lock(
+    target: Target, state_dir: str, sha: str, message: str, *, break_stale: bool = False, wait: int = 0
+) -> Iterator[None]:
+    """Hold the deploy lock for the block; released on every exit path.
+
+    `wait` seconds: keep asking (every 2 s) while another release holds it.
+    """
     script = shlex.quote(templates.script("deploy-lock.sh"))
     if break_stale:
         target.run(f"sh -c {script} deploy-lock release {shlex.quote(state_dir)}")
-    result = target.run(
+    acquire = (
         f"sh -c {script} deploy-lock acquire {shlex.quote(state_dir)} "
-        f"{shlex.quote(operator())} {shlex.quote(sha)} {shlex.quote(message)}",
-        check=False,
+        f"{shlex.quote(operator())} {shlex.quote(sha)} {shlex.quote(message)}"
     )
+    deadline = time.monotonic() + wait
+    result = target.run(acquire, check=False)
+    while result.exit_status == 4 and time.monotonic() < deadline:
+        time.sleep(2)
+        result = target.run(acquire, check=False)
     if result.exit_status == 4:
         info = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
         raise LockHeldError(

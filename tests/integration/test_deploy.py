@@ -162,6 +162,20 @@ def test_redeploying_the_live_sha_only_checks_health(service):
     assert steps == ["fetch", "health gate"], steps
 
 
+def test_rollback_with_db_restores_the_dump_taken_before_the_release_it_undoes(service):
+    assert service.health()["version"] == service.shas["B"], "the previous test leaves B live"
+    service.api("POST", "/api/notes", {"body": "written after B went live"})
+    refused = service.fab("rollback", "--to", service.shas["A"], "--with-db")
+    assert refused.returncode == 2 and "--yes" in refused.stderr, "replacing the database needs confirmation"
+
+    result = service.fab("rollback", "--to", service.shas["A"], "--with-db", "--yes")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "restore database" in result.stdout
+    assert service.health()["version"] == service.shas["A"]
+    notes = service.api("GET", "/api/notes")
+    assert "written before B" in notes and "written after B went live" not in notes, notes
+
+
 def test_secrets_never_appear_in_any_output(service):
     code, env = console(service.host, "cat /opt/coachntt/.env.production")
     assert code == 0

@@ -13,6 +13,7 @@ from fabfile.core.app import App
 from fabfile.core.batch import ProbeResult
 from fabfile.core.errors import UsageError
 from fabfile.core.state import Release, current_release
+from fabfile.core.target import Result
 from fabfile.deploy import checkout_step, directories_step, env_file_step
 from fabfile.rollback import backup_undoing, choose_target, live_schema, schema_of
 
@@ -238,3 +239,52 @@ def test_after_a_failed_rollback_the_rolled_back_code_counts_as_current():
         Release("a" * 40, "rollback", "failed", previous="b" * 40),
     ]
     assert current_release(log).sha == "a" * 40
+
+
+# --- hooks and the lock wait --------------------------------------------------------
+
+
+def deploy_host(fake_host, **replies):
+    """A host where A is live and the fetch resolves the wanted sha to B."""
+    log = deploy(A, schema="1").to_json()
+    return fake_host(
+        facts={
+            "tail -n 500 /var/lib/coachntt-ops/releases.jsonl 2>/dev/null || true": (log, 0),
+            "git -C /opt/coachntt rev-parse HEAD": (A, 0),
+        },
+        replies={"git fetch --quiet origin": (0, B + "\n", ""), **replies},
+    )
+
+
+def test_a_failing_pre_deploy_hook_stops_the_release_before_anything_changes(project_context, mocker, monkeypatch, fake_host):
+    monkeypatch.setenv("COACHNTT_APP__HOOKS__PRE_DEPLOY", "./check-freeze")
+    host = deploy_host(fake_host, **{"COACHNTT_HOOK=pre_deploy": (1, "", "deploys are frozen until Monday")})
+    mocker.patch.object(task_module, "target_for", return_value=host)
+    with pytest.raises(Exit) as info:
+        deploy_module.deploy(project_context, sha=B)
+    assert info.value.code == 1 and "deploys are frozen until Monday" in info.value.message
+    hook = next(c for c in host.sent if "COACHNTT_HOOK=pre_deploy" in c)
+    assert f"COACHNTT_SHA={B}" in hook and f"COACHNTT_PREVIOUS_SHA={A}" in hook and "./check-freeze" in hook
+    assert not any("git checkout" in c or "backup-db" in c for c in host.sent), "nothing may change after a veto"
+    assert "deploy-lock release" in host.sent[-1], "the lock is released"
+
+
+def test_lock_wait_asks_again_until_the_holder_is_done(mocker, fake_host):
+    from fabfile.core import state
+
+    sleeps = mocker.patch.object(state.time, "sleep")
+    answers = iter([(4, "holder=ci\nsince=now\nsha=x\n"), (4, "holder=ci\nsince=now\nsha=x\n"), (0, "")])
+
+    class BusyThenFree(fake_host):
+        def _execute(self, command, timeout):
+            if "deploy-lock acquire" in command:
+                self.sent.append(command)
+                status, out = next(answers)
+                return Result(command, out, "", status)
+            return super()._execute(command, timeout)
+
+    host = BusyThenFree()
+    with state.deploy_lock(host, "/var/lib/coachntt-ops", B, "", wait=60):
+        pass
+    assert sum("deploy-lock acquire" in c for c in host.sent) == 3
+    assert sleeps.call_count == 2
