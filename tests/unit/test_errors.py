@@ -17,12 +17,12 @@ from fabfile.core.errors import (
     from_connection_failure,
 )
 
-WHERE = "coachntt@145.79.0.118"
+WHERE = "coachntt@203.0.113.10"
 
 
 def bad_host_key():
     got, expected = paramiko.RSAKey.generate(1024), paramiko.RSAKey.generate(1024)
-    return paramiko.BadHostKeyException("145.79.0.118", got, expected)
+    return paramiko.BadHostKeyException("203.0.113.10", got, expected)
 
 
 @pytest.mark.parametrize(

@@ -48,8 +48,8 @@ def rsa_key():
 def test_refuse_unknown_host_key_raises_with_fingerprint_and_opt_in_hint(request, which):
     key = request.getfixturevalue(which)
     with pytest.raises(HostKeyError) as info:
-        RefuseUnknownHostKey().missing_host_key(None, "[145.79.0.118]:22", key)
-    assert info.value.what == f"unknown host key for [145.79.0.118]:22 ({key.get_name()} {fingerprint(key)})"
+        RefuseUnknownHostKey().missing_host_key(None, "[203.0.113.10]:22", key)
+    assert info.value.what == f"unknown host key for [203.0.113.10]:22 ({key.get_name()} {fingerprint(key)})"
     assert "COACHNTT_ACCEPT_NEW_HOST_KEY=1" in info.value.hint
     assert info.value.exit_code == 3
 
@@ -67,11 +67,11 @@ def test_fingerprint_matches_what_ssh_keygen_prints(request, which, tmp_path):
 def test_accept_once_appends_a_known_hosts_line_paramiko_can_read(ed_key, rsa_key, tmp_path, capsys):
     path = tmp_path / "new-dir" / "known_hosts"
     AcceptOnceAndRecord(path).missing_host_key(None, "[10.201.0.2]:22", ed_key)
-    AcceptOnceAndRecord(path).missing_host_key(None, "145.79.0.118", rsa_key)
+    AcceptOnceAndRecord(path).missing_host_key(None, "203.0.113.10", rsa_key)
     assert len(path.read_text().splitlines()) == 2, "appends, never rewrites"
     known = paramiko.HostKeys(str(path))
     assert known.lookup("[10.201.0.2]:22")[ed_key.get_name()] == ed_key
-    assert known.lookup("145.79.0.118")[rsa_key.get_name()] == rsa_key
+    assert known.lookup("203.0.113.10")[rsa_key.get_name()] == rsa_key
     assert fingerprint(rsa_key) in capsys.readouterr().out
 
 

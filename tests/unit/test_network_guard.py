@@ -25,13 +25,13 @@ def assert_refused(family, address, method="connect"):
         sock.close()
 
 
-@pytest.mark.parametrize("address", ["145.79.0.118", "8.8.8.8", "10.201.1.5", "192.168.1.1"])
+@pytest.mark.parametrize("address", ["203.0.113.10", "198.51.100.1", "10.201.1.5", "192.168.1.1"])
 def test_guard_refuses_connections_outside_loopback_and_sandbox_naming_the_address(address):
     assert_refused(socket.AF_INET, (address, 22))
 
 
 def test_guard_refuses_connect_ex_too():
-    assert_refused(socket.AF_INET, ("145.79.0.118", 22), method="connect_ex")
+    assert_refused(socket.AF_INET, ("203.0.113.10", 22), method="connect_ex")
 
 
 def test_guard_covers_tcp_sockets():
@@ -55,7 +55,7 @@ def test_guard_refuses_public_ipv6_addresses():
 
 def test_guard_refuses_ipv4_mapped_public_address():
     ipv6_or_skip()
-    assert_refused(socket.AF_INET6, ("::ffff:8.8.8.8", 53, 0, 0))
+    assert_refused(socket.AF_INET6, ("::ffff:198.51.100.1", 53, 0, 0))
 
 
 def test_guard_refuses_host_names_other_than_localhost():
