@@ -176,43 +176,53 @@ def deploy(ops, sha="", message="", break_lock=False, lock_wait=0):
                                 who=state.operator(), started=state.now(), message=message)
 
         if current and current.sha == full_sha and head == full_sha:
-            with ops.reporter.phase("health gate", reason=f"{full_sha[:12]} already live: checked only"):
-                gate = health_gate(ops.target, app)
-                if not gate.passed:
-                    report_failed_gate(ops.reporter, gate)
-                    raise OpsError(f"{full_sha[:12]} is live but unhealthy", "see the responses above; `rollback` to the previous good release")
-            release.kind, release.result, release.finished = "verify", state.RESULT_OK, state.now()
-            state.append(ops.target, app.state_dir, release)
-            return
+            check_live_release(ops, app, release)
+        else:
+            ship(ops, app, release, good)
 
-        run_hook(ops, app, "pre_deploy", release)  # may veto: nothing has changed yet
-        with ops.reporter.phase("backup database"):
-            release.backup = backup_before_migrate(ops, app, full_sha)
-        try:
-            with ops.reporter.phase("checkout + build"):
-                ops.target.run(app.in_dir(f"git checkout --quiet --detach {full_sha}"), user=app.owner)
-                ops.target.run(app.compose("build --quiet api", full_sha), user=app.owner, timeout=1800)
-            with ops.reporter.phase("database up"):
-                ops.target.run(app.compose("up -d --wait postgres", full_sha), user=app.owner, timeout=300)
-            with ops.reporter.phase("migrate"):
-                release.schema = migrate(ops, app, full_sha)
-            with ops.reporter.phase("start"):
-                switch_to(ops.target, app, full_sha)
-        except OpsError as exc:
-            roll_back_after_failure(ops, app, release, good, exc.one_line())
 
-        with ops.reporter.phase("health gate"):
-            gate = health_gate(ops.target, app)
+def check_live_release(ops, app: App, release: state.Release) -> None:
+    """Redeploying what already runs: only the health gate, and a log entry."""
+    release.kind = "verify"
+    with ops.reporter.phase("health gate", reason=f"{release.sha[:12]} already live: checked only"):
+        gate = health_gate(ops.target, app)
+        release.result, release.finished = (state.RESULT_OK if gate.passed else state.RESULT_FAILED), state.now()
+        state.append(ops.target, app.state_dir, release)
         if not gate.passed:
             report_failed_gate(ops.reporter, gate)
-            roll_back_after_failure(ops, app, release, good, f"/health did not answer 200 within {app.health_deadline}s")
-        release.result, release.finished = state.RESULT_OK, state.now()
-        state.append(ops.target, app.state_dir, release)
-        ops.reporter.info(f"  live: {full_sha[:12]} (schema {release.schema or '?'}, backup {release.backup or 'none'})")
-        try:
-            run_hook(ops, app, "post_deploy", release)
-        except OpsError as exc:
-            ops.reporter.info(f"  warning: the post_deploy hook failed ({exc.one_line()}); the release stays live")
+            raise OpsError(f"{release.sha[:12]} is live but unhealthy", "see the responses above; `rollback` to the previous good release")
+
+
+def ship(ops, app: App, release: state.Release, good: list[str]) -> None:
+    """A new sha: hook, backup, checkout + build, database, migrate, start, gate."""
+    sha = release.sha
+    run_hook(ops, app, "pre_deploy", release)  # may veto: nothing has changed yet
+    with ops.reporter.phase("backup database"):
+        release.backup = backup_before_migrate(ops, app, sha)
+    try:
+        with ops.reporter.phase("checkout + build"):
+            ops.target.run(app.in_dir(f"git checkout --quiet --detach {sha}"), user=app.owner)
+            ops.target.run(app.compose("build --quiet api", sha), user=app.owner, timeout=1800)
+        with ops.reporter.phase("database up"):
+            ops.target.run(app.compose("up -d --wait postgres", sha), user=app.owner, timeout=300)
+        with ops.reporter.phase("migrate"):
+            release.schema = migrate(ops, app, sha)
+        with ops.reporter.phase("start"):
+            switch_to(ops.target, app, sha)
+        with ops.reporter.phase("health gate"):
+            gate = health_gate(ops.target, app)
+            if not gate.passed:
+                report_failed_gate(ops.reporter, gate)
+                raise OpsError(f"/health did not answer 200 within {app.health_deadline}s")
+    except OpsError as exc:
+        roll_back_after_failure(ops, app, release, good, exc.one_line())
+    release.result, release.finished = state.RESULT_OK, state.now()
+    state.append(ops.target, app.state_dir, release)
+    ops.reporter.info(f"  live: {sha[:12]} (schema {release.schema or '?'}, backup {release.backup or 'none'})")
+    try:
+        run_hook(ops, app, "post_deploy", release)
+    except OpsError as exc:
+        ops.reporter.info(f"  warning: the post_deploy hook failed ({exc.one_line()}); the release stays live")
 
 
 @ops_task
