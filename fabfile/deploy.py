@@ -26,7 +26,9 @@ import shlex
 from invoke import Collection
 
 from .core import state, templates
-from .core.app import App, fetch_sha, health_gate, release_facts, report_failed_gate, switch_to, validate_sha
+from .core.app import (
+    App, fetch_sha, gate_and_record, health_gate, release_facts, report_failed_gate, switch_to, validate_sha,
+)
 from .core.batch import gather
 from .core.errors import OpsError, UsageError
 from .core.steps import Change, Facts, Plan, Step
@@ -184,13 +186,9 @@ def deploy(ops, sha="", message="", break_lock=False, lock_wait=0):
 def check_live_release(ops, app: App, release: state.Release) -> None:
     """Redeploying what already runs: only the health gate, and a log entry."""
     release.kind = "verify"
+    unhealthy = OpsError(f"{release.sha[:12]} is live but unhealthy", "see the responses above; `rollback` to the previous good release")
     with ops.reporter.phase("health gate", reason=f"{release.sha[:12]} already live: checked only"):
-        gate = health_gate(ops.target, app)
-        release.result, release.finished = (state.RESULT_OK if gate.passed else state.RESULT_FAILED), state.now()
-        state.append(ops.target, app.state_dir, release)
-        if not gate.passed:
-            report_failed_gate(ops.reporter, gate)
-            raise OpsError(f"{release.sha[:12]} is live but unhealthy", "see the responses above; `rollback` to the previous good release")
+        gate_and_record(ops.target, ops.reporter, app, release, unhealthy)
 
 
 def ship(ops, app: App, release: state.Release, good: list[str]) -> None:

@@ -19,7 +19,7 @@ import shlex
 from invoke import Collection
 
 from .core import state, templates
-from .core.app import App, health_gate, release_facts, report_failed_gate, switch_to, validate_sha
+from .core.app import App, gate_and_record, release_facts, switch_to, validate_sha
 from .core.errors import OpsError, UsageError
 from .core.target import command_failed
 from .core.task import ops_task
@@ -110,13 +110,9 @@ def rollback(ops, to="", with_db=False, yes=False, break_lock=False, lock_wait=0
                 restore_database(ops, app, backup)
         with ops.reporter.phase(f"switch to {target_sha[:12]}"):
             switch_to(ops.target, app, target_sha, recreate=True)
+        unhealthy = OpsError(f"rolled back to {target_sha[:12]} but /health did not answer 200", "see the responses above")
         with ops.reporter.phase("health gate"):
-            gate = health_gate(ops.target, app)
-        entry.result, entry.finished = (state.RESULT_OK if gate.passed else state.RESULT_FAILED), state.now()
-        state.append(ops.target, app.state_dir, entry)
-        if not gate.passed:
-            report_failed_gate(ops.reporter, gate)
-            raise OpsError(f"rolled back to {target_sha[:12]} but /health did not answer 200", "see the responses above")
+            gate_and_record(ops.target, ops.reporter, app, entry, unhealthy)
 
 
 @ops_task(name="list")

@@ -140,3 +140,14 @@ def report_failed_gate(reporter, gate: GateResult) -> None:
         reporter.info("  api container, last log lines:")
         for line in gate.logs.splitlines()[-20:]:
             reporter.info(f"    {line}")
+
+
+def gate_and_record(target: Target, reporter, app: App, release: state.Release, failure: OpsError) -> None:
+    """Health gate, then the release's log entry with its result; a failed gate
+    shows what the service said and raises `failure`."""
+    gate = health_gate(target, app)
+    release.result, release.finished = (state.RESULT_OK if gate.passed else state.RESULT_FAILED), state.now()
+    state.append(target, app.state_dir, release)
+    if not gate.passed:
+        report_failed_gate(reporter, gate)
+        raise failure
