@@ -2,6 +2,8 @@
 
 Runbook (`fab -H coachntt@HOST deploy --sha <sha>`):
     0. deploy lock          one release at a time (who/when if refused; --lock-wait N)
+       preflight            checkout, env file, Docker, database container, disk:
+                            any of them wrong stops here, nothing changed
     1. fetch                git fetch; the sha must exist (else exit 2, nothing changed)
        pre_deploy hook      optional; a failure stops here, nothing changed
     2. backup database      pg_dump before anything touches the schema
@@ -11,28 +13,33 @@ Runbook (`fab -H coachntt@HOST deploy --sha <sha>`):
     6. start                docker compose up -d
     7. health gate          /health must answer 200 before the deadline
     on failure after 3:     automatic rollback to the last good release
-    always:                 a release log entry; the lock released
+    always:                 a release log entry with the phase; the lock released
     after success:          optional post_deploy hook
+    cut off (Ctrl-C, lost   every phase runs on the server where the client cannot
+    connection, SIGTERM):   cut it; one Ctrl-C lets it finish and puts back what served
+                            before, anything harsher leaves the lock held for
+                            `deploy.recover`
 
 `deploy.setup` prepares a host once (checkout, .env.production with generated
 secrets, state and backup directories). `deploy.history` shows the release log,
-`deploy.status` what runs now, `deploy.unlock` breaks a stale lock.
+`deploy.status` what runs now, `deploy.unlock` breaks a stale lock, and
+`deploy.recover` settles a release that was cut off (see core/lock.py).
 """
 
 from __future__ import annotations
 
 import shlex
-
 from invoke import Collection
 
-from .core import state, templates
+from .core import lock, state, templates
 from .core.app import (
-    App, fetch_sha, gate_and_record, health_gate, release_facts, report_failed_gate, switch_to, validate_sha,
+    App, fetch_sha, gate_and_record, health_gate, phase, preflight_error, release_facts, release_lock,
+    report_failed_gate, settle, switch_to, validate_sha,
 )
 from .core.batch import gather
-from .core.errors import OpsError, UsageError
+from .core.errors import LockHeldError, OpsError, UsageError
 from .core.steps import Change, Facts, Plan, Step
-from .core.target import command_failed
+from .core.target import Target, command_failed
 from .core.task import ops_task
 
 
@@ -98,29 +105,36 @@ def setup(ops):
 
 # -- deploy -------------------------------------------------------------------------
 
+# Phases that leave the running release as it was: a failure there needs no rollback.
+PHASES_BEFORE_CHANGE = ("fetch", "pre_deploy hook", "backup database")
 
-def migrate(ops, app: App, sha: str) -> str:
+
+def migrate(target: Target, app: App, sha: str) -> str:
     """Run the migrations; return the schema version the app reports."""
-    result = ops.target.run(app.compose("run --rm -T api python -m scripts.migrate", sha), user=app.owner, timeout=600)
+    result = target.run(app.compose("run --rm -T api python -m scripts.migrate", sha), user=app.owner, timeout=600)
     last = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     return last.split(":", 1)[1].strip() if last.startswith("schema version:") else ""
 
 
-def backup_before_migrate(ops, app: App, sha: str) -> str:
-    """pg_dump before the schema can change; '' on a first deploy (no database yet)."""
-    result = ops.target.run(
+def backup_before_migrate(target: Target, app: App, sha: str, *, first_release: bool) -> str:
+    """pg_dump before the schema can change; '' only on a first release with no database yet."""
+    result = target.run(
         f"bash -c {shlex.quote(templates.script('backup-db.sh'))} backup-db "
-        f"{app.db_container} {app.db_user} {app.db_name} {shlex.quote(app.backup_dir)} pre-{sha[:12]}",
+        f"{shlex.quote(app.db_container)} {shlex.quote(app.db_user)} {shlex.quote(app.db_name)} "
+        f"{shlex.quote(app.backup_dir)} pre-{sha[:12]}",
         user=app.owner, check=False, timeout=1800,
     )
-    if result.exit_status == 3:
+    if result.exit_status == 3 and first_release:
         return ""
     if not result.ok:
-        raise command_failed(result, ops.target.label, what="backup before migrate")
-    return result.stdout.strip().splitlines()[-1]
+        raise command_failed(result, target.label, what="backup before migrate")
+    written = result.stdout.strip().splitlines()
+    if not written:
+        raise OpsError(f"backup before migrate on {target.label} named no file", "check /backups and scripts/backup-db.sh")
+    return written[-1]
 
 
-def run_hook(ops, app: App, name: str, release: state.Release) -> None:
+def run_hook(ops, target: Target, app: App, name: str, release: state.Release) -> None:
     """An operator's hook (settings app.hooks.<name>), with the release in its environment."""
     command = ops.settings.get(f"app.hooks.{name}")
     if not command:
@@ -130,142 +144,209 @@ def run_hook(ops, app: App, name: str, release: state.Release) -> None:
         for key, value in (("COACHNTT_HOOK", name), ("COACHNTT_SHA", release.sha),
                            ("COACHNTT_PREVIOUS_SHA", release.previous), ("COACHNTT_WHO", release.who))
     )
-    with ops.reporter.phase(f"{name} hook"):
-        ops.target.run(app.in_dir(f"{env} sh -c {shlex.quote(command)}"), user=app.owner, timeout=600)
-
-
-def roll_back_after_failure(ops, app: App, release: state.Release, good: list[str], why: str) -> None:
-    """Put the last good release back, log the failed attempt, and raise."""
-    fallback = next((sha for sha in good if sha != release.sha), "")
-    release.result, release.finished, release.message = state.RESULT_FAILED, state.now(), why
-    if not fallback:
-        state.append(ops.target, app.state_dir, release)
-        raise OpsError(f"release {release.sha[:12]} failed: {why}", "no earlier good release to roll back to; fix and deploy again")
-    with ops.reporter.phase(f"automatic rollback to {fallback[:12]}"):
-        switch_to(ops.target, app, fallback, recreate=True)
-        gate = health_gate(ops.target, app)
-        if not gate.passed:
-            report_failed_gate(ops.reporter, gate)
-    release.rolled_back_to = fallback if gate.passed else ""
-    state.append(ops.target, app.state_dir, release)
-    if gate.passed:
-        raise OpsError(f"release {release.sha[:12]} failed: {why}", f"rolled back to {fallback[:12]}, which is healthy")
-    raise OpsError(f"release {release.sha[:12]} failed: {why}; the rollback to {fallback[:12]} is unhealthy too", "check `deploy.status` and the api logs now")
+    target.run(app.in_dir(f"{env} sh -c {shlex.quote(command)}"), user=app.owner, timeout=600)
 
 
 @ops_task(default=True, help={
     "sha": "commit to deploy (default: tip of app.branch)",
     "message": "why this release, for the release log",
-    "break_lock": "remove a stale deploy lock first (its holder is gone)",
+    "break_lock": "remove a deploy lock whose holder is gone (never one whose work still runs)",
     "lock_wait": "seconds to wait for another release to finish (default: refuse at once)",
 })
 def deploy(ops, sha="", message="", break_lock=False, lock_wait=0):
-    """Deploy one exact sha: lock, fetch, backup, migrate, start, health gate, log."""
+    """Deploy one exact sha: lock, preflight, fetch, backup, migrate, start, health gate, log."""
     sha = validate_sha(sha)
     app = App.from_settings(ops.settings)
-    log, head = release_facts(ops.target, app)
-    current = state.current_release(log)
-    good = state.good_releases(log)
     if ops.dry:
+        host = release_facts(ops.target, app)
+        current = state.current_release(host.log)
+        problem = preflight_error(host, app, ops.where)
         ops.reporter.info(f"  would deploy {sha or 'origin/' + app.branch} over {current.sha[:12] if current else 'nothing'}: "
-                          "lock, fetch, backup, checkout + build, database up, migrate, start, health gate")
+                          "lock, preflight, fetch, backup, checkout + build, database up, migrate, start, health gate")
+        if problem:
+            ops.reporter.info(f"  but preflight refuses now: {problem.one_line()}")
         return
 
-    with state.deploy_lock(ops.target, app.state_dir, sha or app.branch, message, break_stale=break_lock, wait=int(lock_wait)):
-        with ops.reporter.phase("fetch"):
-            full_sha = fetch_sha(ops.target, app, sha)
-        release = state.Release(sha=full_sha, kind="deploy", previous=current.sha if current else "",
+    if break_lock:
+        lock.break_stale(ops.target, app.state_dir)
+    with release_lock(ops, app, sha or app.branch, message, wait=int(lock_wait)) as held:
+        # Read under the lock: with --lock-wait the log may have moved meanwhile.
+        host = release_facts(ops.target, app)
+        problem = preflight_error(host, app, ops.where)
+        if problem:
+            raise problem
+        current = state.current_release(host.log)
+        release = state.Release(sha=sha, kind="deploy", previous=current.sha if current else "",
                                 who=state.operator(), started=state.now(), message=message)
+        held.release = release if sha else None
+        with phase(ops, held, "fetch"):
+            release.sha = fetch_sha(held, app, sha)
+        held.release = release
 
-        if current and current.sha == full_sha and head == full_sha:
-            check_live_release(ops, app, release)
+        if current and current.sha == release.sha and host.head == release.sha:
+            check_live_release(ops, app, held, release)
         else:
-            ship(ops, app, release, good)
+            ship(ops, app, held, release, state.good_releases(host.log), first_release=current is None)
 
 
-def check_live_release(ops, app: App, release: state.Release) -> None:
+def check_live_release(ops, app: App, held: lock.HeldLock, release: state.Release) -> None:
     """Redeploying what already runs: only the health gate, and a log entry."""
     release.kind = "verify"
     unhealthy = OpsError(f"{release.sha[:12]} is live but unhealthy", "see the responses above; `rollback` to the previous good release")
-    with ops.reporter.phase("health gate", reason=f"{release.sha[:12]} already live: checked only"):
-        gate_and_record(ops.target, ops.reporter, app, release, unhealthy)
+    with phase(ops, held, "health gate", reason=f"{release.sha[:12]} already live: checked only"):
+        gate_and_record(held, ops.reporter, app, release, unhealthy, log_target=ops.target)
 
 
-def ship(ops, app: App, release: state.Release, good: list[str]) -> None:
+def ship(ops, app: App, held: lock.HeldLock, release: state.Release, good: list[str], *, first_release: bool) -> None:
     """A new sha: hook, backup, checkout + build, database, migrate, start, gate."""
     sha = release.sha
-    run_hook(ops, app, "pre_deploy", release)  # may veto: nothing has changed yet
-    with ops.reporter.phase("backup database"):
-        release.backup = backup_before_migrate(ops, app, sha)
     try:
-        with ops.reporter.phase("checkout + build"):
-            ops.target.run(app.in_dir(f"git checkout --quiet --detach {sha}"), user=app.owner)
-            ops.target.run(app.compose("build --quiet api", sha), user=app.owner, timeout=1800)
-        with ops.reporter.phase("database up"):
-            ops.target.run(app.compose("up -d --wait postgres", sha), user=app.owner, timeout=300)
-        with ops.reporter.phase("migrate"):
-            release.schema = migrate(ops, app, sha)
-        with ops.reporter.phase("start"):
-            switch_to(ops.target, app, sha)
-        with ops.reporter.phase("health gate"):
-            gate = health_gate(ops.target, app)
+        with phase(ops, held, "pre_deploy hook"):  # may veto: nothing has changed yet
+            run_hook(ops, held, app, "pre_deploy", release)
+        with phase(ops, held, "backup database"):
+            release.backup = backup_before_migrate(held, app, sha, first_release=first_release)
+        with phase(ops, held, "checkout + build"):
+            held.run(app.in_dir(f"git checkout --quiet --detach {sha}"), user=app.owner, timeout=300)
+            held.run(app.compose("build --quiet api", sha), user=app.owner, timeout=1800)
+        with phase(ops, held, "database up"):
+            held.run(app.compose("up -d --wait postgres", sha), user=app.owner, timeout=300)
+        with phase(ops, held, "migrate"):
+            release.schema = migrate(held, app, sha)
+        with phase(ops, held, "start"):
+            switch_to(held, app, sha)
+        with phase(ops, held, "health gate"):
+            gate = health_gate(held, app)
             if not gate.passed:
                 report_failed_gate(ops.reporter, gate)
                 raise OpsError(f"/health did not answer 200 within {app.health_deadline}s")
     except OpsError as exc:
-        roll_back_after_failure(ops, app, release, good, exc.one_line())
+        roll_back_after_failure(ops, app, held, release, good, exc)
     release.result, release.finished = state.RESULT_OK, state.now()
     state.append(ops.target, app.state_dir, release)
     ops.reporter.info(f"  live: {sha[:12]} (schema {release.schema or '?'}, backup {release.backup or 'none'})")
     try:
-        run_hook(ops, app, "post_deploy", release)
+        with phase(ops, held, "post_deploy hook"):
+            run_hook(ops, held, app, "post_deploy", release)
     except OpsError as exc:
         ops.reporter.info(f"  warning: the post_deploy hook failed ({exc.one_line()}); the release stays live")
+
+
+def roll_back_after_failure(ops, app: App, held: lock.HeldLock, release: state.Release, good: list[str], exc: OpsError) -> None:
+    """Log the failed attempt with its phase, put the last good release back when
+    anything had changed, and raise one line that says where things stand."""
+    failed_in, why = held.phase, exc.one_line()
+    release.result, release.finished, release.message, release.phase = state.RESULT_FAILED, state.now(), why, failed_in
+    fallback = next((sha for sha in good if sha != release.sha), "")
+    what = f"release {release.sha[:12]} failed during {failed_in}: {exc.what}"
+    if failed_in in PHASES_BEFORE_CHANGE:
+        state.append(ops.target, app.state_dir, release)
+        raise OpsError(what, f"{exc.hint + '; ' if exc.hint else ''}nothing changed, the running release serves on") from None
+    if not fallback:
+        state.append(ops.target, app.state_dir, release)
+        raise OpsError(what, "no earlier good release to roll back to; fix and deploy again") from None
+    try:
+        with phase(ops, held, f"automatic rollback to {fallback[:12]}"):
+            switch_to(held, app, fallback, recreate=True)
+            gate = health_gate(held, app)
+            if not gate.passed:
+                report_failed_gate(ops.reporter, gate)
+    except OpsError as rollback_exc:
+        release.message = f"{why}; the rollback to {fallback[:12]} failed too: {rollback_exc.one_line()}"
+        state.append(ops.target, app.state_dir, release)
+        raise OpsError(f"{what}; the rollback to {fallback[:12]} failed too ({rollback_exc.what})",
+                       f"check `deploy.status`; then `rollback --to {fallback[:12]}`") from None
+    release.rolled_back_to = fallback if gate.passed else ""
+    state.append(ops.target, app.state_dir, release)
+    if gate.passed:
+        raise OpsError(what, f"rolled back to {fallback[:12]}, which is healthy") from None
+    raise OpsError(f"{what}; the rollback to {fallback[:12]} is unhealthy too", "check `deploy.status` and the api logs now") from None
+
+
+@ops_task(help={"wait": "seconds to wait for a phase that still runs on the server (default 600)"})
+def recover(ops, wait=600):
+    """Settle a release that was cut off: let its phase end, put back what served, log it, free the lock."""
+    app = App.from_settings(ops.settings)
+    adopted = lock.adopt(ops.target, app.state_dir)
+    if adopted is None:
+        ops.reporter.info("  the deploy lock is free: nothing to recover")
+        return
+    held, info = adopted
+    if info.client_connected:
+        raise LockHeldError(f"the release of {info.describe()} is still followed by its client",
+                            "let it finish; `deploy.recover` is for a run that was cut off")
+    if ops.dry:
+        ops.reporter.info(f"  would settle the release of {info.describe()}")
+        return
+    if info.job == "running":
+        ops.reporter.info(f"  waiting for '{info.phase}' to finish on the server (up to {int(wait)}s)")
+        info = held.wait_for_phase(int(wait))
+        if info.job == "running":
+            raise LockHeldError(f"'{info.phase}' still runs under the deploy lock", "wait for it, then run `deploy.recover` again")
+    healthy, outcome = settle(ops.target, ops.reporter, app, held, info)
+    ops.reporter.info(f"  recovered: {outcome}")
+    if not healthy:
+        raise OpsError(f"recovered the lock, but {outcome}")
 
 
 @ops_task
 def history(ops):
     """The release log: every deploy and rollback attempt, newest last."""
     app = App.from_settings(ops.settings)
-    log, _ = release_facts(ops.target, app)
+    log = release_facts(ops.target, app).log
     for r in log:
         extra = f" -> rolled back to {r.rolled_back_to[:12]}" if r.rolled_back_to else ""
-        ops.reporter.info(f"  {r.started or r.finished:<20} {r.kind:<8} {r.sha[:12]:<12} {r.result:<6} schema {r.schema or '-':<4} {r.who}{extra}")
+        where = f" (during {r.phase})" if r.phase else ""
+        ops.reporter.info(f"  {r.started or r.finished:<20} {r.kind:<8} {r.sha[:12]:<12} {r.result:<11} "
+                          f"schema {r.schema or '-':<4} {r.who}{where}{extra}")
     if not log:
         ops.reporter.info("  no releases yet")
 
 
 @ops_task
 def status(ops):
-    """Current sha, container states, health, and the deploy lock."""
+    """What runs now (the api's image, not just the checkout), health, and the deploy lock."""
     app = App.from_settings(ops.settings)
     facts = gather(ops.target, {
         "head": f"git -C {shlex.quote(app.dir)} rev-parse --short=12 HEAD",
+        "running": app.compose("images --format json api"),
         "containers": app.compose("ps --format '{{.Service}} {{.State}} {{.Status}}'"),
         "health": f"curl -s -m 3 -o /dev/null -w '%{{http_code}}' {shlex.quote(app.health_url)}",
-        "lock": state.lock_status_command(app.state_dir),
+        "lock": lock.status_command(app.state_dir),
     }, sudo=False)
-    ops.reporter.info(f"  sha         {facts['head'].stdout or 'no checkout'}")
+    ops.reporter.info(f"  running     {running_sha(facts['running'].stdout) or 'no api container'}")
+    ops.reporter.info(f"  checkout    {facts['head'].stdout or 'no checkout'}")
     ops.reporter.info(f"  health      HTTP {facts['health'].stdout or '---'} from {app.health_url}")
-    ops.reporter.info(f"  lock        {facts['lock'].stdout.replace(chr(10), ', ') if facts['lock'].ok else 'free'}")
+    held = lock.LockInfo.parse(facts["lock"].stdout) if facts["lock"].ok else None
+    ops.reporter.info(f"  lock        {held.describe() if held else 'free'}")
     for line in facts["containers"].lines:
         ops.reporter.info(f"  container   {line}")
     if facts["health"].stdout != "200":
         raise OpsError(f"the app on {ops.where} is not healthy", "see `deploy.history` and the api logs")
 
 
+def running_sha(images_json: str) -> str:
+    """The release the api container runs: its image is tagged with the sha."""
+    import json
+
+    try:
+        images = json.loads(images_json or "[]")
+    except json.JSONDecodeError:
+        return ""
+    tags = [image.get("Tag", "") for image in images if isinstance(image, dict)] if isinstance(images, list) else []
+    return next((tag[:12] for tag in tags if tag and tag != "latest"), "")
+
+
 @ops_task(help={"yes": "do not ask for confirmation"})
 def unlock(ops, yes=False):
-    """Break a stale deploy lock (its holder is gone)."""
+    """Break a deploy lock whose holder is gone (never one whose work still runs)."""
     app = App.from_settings(ops.settings)
-    holder = ops.target.run(state.lock_status_command(app.state_dir), check=False)
-    if not holder.ok:
+    held = lock.read(ops.target, app.state_dir)
+    if held is None:
         ops.reporter.info("  lock is free")
         return
     if not yes:
-        raise UsageError(f"lock held: {holder.stdout.strip().replace(chr(10), ', ')}", "rerun with --yes to break it")
-    with state.deploy_lock(ops.target, app.state_dir, "unlock", "break stale lock", break_stale=True):
-        pass
+        raise UsageError(f"lock held by {held.describe()}", "rerun with --yes to break it")
+    lock.break_stale(ops.target, app.state_dir)
     ops.reporter.info("  lock removed")
 
 
@@ -275,3 +356,4 @@ ns.add_task(setup)
 ns.add_task(history)
 ns.add_task(status)
 ns.add_task(unlock)
+ns.add_task(recover)

@@ -18,10 +18,12 @@ import shlex
 
 from invoke import Collection
 
-from .core import state, templates
-from .core.app import App, gate_and_record, release_facts, switch_to, validate_sha
+from .core import lock, state, templates
+from .core.app import (
+    App, gate_and_record, phase, preflight_error, release_facts, release_lock, switch_to, validate_sha,
+)
 from .core.errors import OpsError, UsageError
-from .core.target import command_failed
+from .core.target import Target, command_failed
 from .core.task import ops_task
 
 
@@ -61,31 +63,67 @@ def backup_undoing(log: list[state.Release], current_sha: str) -> str:
     return next((r.backup for r in reversed(log) if r.sha == current_sha and r.kind == "deploy" and r.backup), "")
 
 
-def restore_database(ops, app: App, backup: str) -> None:
-    ops.target.run(app.compose("stop api pgbouncer"), user=app.owner, timeout=120)
-    result = ops.target.run(
+def restore_database(target: Target, app: App, backup: str) -> None:
+    """Restore `backup` with the writers stopped; they start again whatever happens."""
+    target.run(app.compose("stop api pgbouncer"), user=app.owner, timeout=120)
+    result = target.run(
         f"bash -c {shlex.quote(templates.script('restore-db.sh'))} restore-db "
-        f"{app.db_container} {app.db_user} {app.db_name} {shlex.quote(backup)}",
+        f"{shlex.quote(app.db_container)} {shlex.quote(app.db_user)} {shlex.quote(app.db_name)} {shlex.quote(backup)}",
         user=app.owner, check=False, timeout=1800,
     )
     if not result.ok:
-        raise command_failed(result, ops.target.label, what=f"restoring {backup}")
+        target.run(app.compose("start api pgbouncer"), user=app.owner, check=False, timeout=300)
+        raise command_failed(result, target.label, what=f"restoring {backup} (api and pgbouncer started again)")
 
 
 @ops_task(default=True, help={
     "to": "sha of a release that went live (default: the previous good one)",
     "with_db": "also restore the database backup taken before the release being undone",
     "yes": "do not ask before restoring the database",
-    "break_lock": "remove a stale deploy lock first",
+    "break_lock": "remove a deploy lock whose holder is gone (never one whose work still runs)",
     "lock_wait": "seconds to wait for a running release to finish",
 })
 def rollback(ops, to="", with_db=False, yes=False, break_lock=False, lock_wait=0):
     """Roll back to a previous good release (code + containers, optionally the DB)."""
     validate_sha(to, flag="--to")
     app = App.from_settings(ops.settings)
-    log, _ = release_facts(ops.target, app)
-    current, target_sha = choose_target(log, to)
+    if ops.dry:
+        current, target_sha, backup = plan_rollback(ops, release_facts(ops.target, app).log, to, with_db, yes=True)
+        ops.reporter.info(f"  would roll back {current.sha[:12]} -> {target_sha[:12]}" + (f" and restore {backup}" if with_db else ""))
+        return
 
+    if break_lock:
+        lock.break_stale(ops.target, app.state_dir)
+    with release_lock(ops, app, to or "previous", "rollback", wait=int(lock_wait)) as held:
+        # Read under the lock: with --lock-wait the log may have moved meanwhile.
+        host = release_facts(ops.target, app)
+        current, target_sha, backup = plan_rollback(ops, host.log, to, with_db, yes=yes)
+        problem = preflight_error(host, app, ops.where)
+        if problem:
+            raise problem
+        entry = state.Release(sha=target_sha, kind="rollback", previous=current.sha, who=state.operator(),
+                              started=state.now(),
+                              # The database keeps its schema unless we restore the older dump.
+                              schema=schema_of(host.log, target_sha) if with_db else live_schema(host.log))
+        held.release = entry
+        try:
+            if with_db:
+                with phase(ops, held, "restore database", reason=backup):
+                    restore_database(held, app, backup)
+            with phase(ops, held, f"switch to {target_sha[:12]}"):
+                switch_to(held, app, target_sha, recreate=True)
+        except OpsError as exc:
+            entry.result, entry.finished, entry.phase, entry.message = state.RESULT_FAILED, state.now(), held.phase, exc.one_line()
+            state.append(ops.target, app.state_dir, entry)
+            raise
+        unhealthy = OpsError(f"rolled back to {target_sha[:12]} but /health did not answer 200", "see the responses above")
+        with phase(ops, held, "health gate"):
+            gate_and_record(held, ops.reporter, app, entry, unhealthy, log_target=ops.target)
+
+
+def plan_rollback(ops, log: list[state.Release], to: str, with_db: bool, *, yes: bool) -> tuple[state.Release, str, str]:
+    """(the release serving now, the sha to go to, the backup --with-db restores), with the warnings."""
+    current, target_sha = choose_target(log, to)
     backup = backup_undoing(log, current.sha)
     now_schema, then_schema = live_schema(log), schema_of(log, target_sha)
     if now_schema and then_schema and now_schema != then_schema and not with_db:
@@ -96,30 +134,14 @@ def rollback(ops, to="", with_db=False, yes=False, break_lock=False, lock_wait=0
             raise UsageError(f"no backup recorded before {current.sha[:12]}", "roll back without --with-db, or restore one with backup.restore")
         if not yes:
             raise UsageError(f"--with-db replaces the database with {backup}", "rerun with --yes to confirm")
-    if ops.dry:
-        ops.reporter.info(f"  would roll back {current.sha[:12]} -> {target_sha[:12]}" + (f" and restore {backup}" if with_db else ""))
-        return
-
-    with state.deploy_lock(ops.target, app.state_dir, target_sha, "rollback", break_stale=break_lock, wait=int(lock_wait)):
-        entry = state.Release(sha=target_sha, kind="rollback", previous=current.sha, who=state.operator(),
-                              started=state.now(),
-                              # The database keeps its schema unless we restore the older dump.
-                              schema=then_schema if with_db else now_schema)
-        if with_db:
-            with ops.reporter.phase("restore database", reason=backup):
-                restore_database(ops, app, backup)
-        with ops.reporter.phase(f"switch to {target_sha[:12]}"):
-            switch_to(ops.target, app, target_sha, recreate=True)
-        unhealthy = OpsError(f"rolled back to {target_sha[:12]} but /health did not answer 200", "see the responses above")
-        with ops.reporter.phase("health gate"):
-            gate_and_record(ops.target, ops.reporter, app, entry, unhealthy)
+    return current, target_sha, backup
 
 
 @ops_task(name="list")
 def list_(ops):
     """Releases you can roll back to, newest first."""
     app = App.from_settings(ops.settings)
-    log, _ = release_facts(ops.target, app)
+    log = release_facts(ops.target, app).log
     current = state.current_release(log)
     for sha in state.good_releases(log):
         marker = "  (live)" if current and sha == current.sha else ""

@@ -3,20 +3,28 @@
 Deploy and rollback both move the app between releases; this module holds the
 moves they share, each one round trip:
 
+    preflight      the release log, the checkout, the env file, Docker, the
+                   database container and disk, read at once and checked
+                   before anything changes
     fetch_sha      git fetch + resolve the wanted sha (unknown sha -> exit 2)
     switch_to      checkout the sha, (re)create the containers
     health_gate    poll /health until 200 or the deadline; on failure, why
+    release_lock   the deploy lock, and what a cut-off run leaves behind:
+                   settle() puts back a release that serves and records it
 """
 
 from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import dataclass
+import signal
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Iterator
 
-from . import state, templates
-from .batch import gather
-from .errors import OpsError, UsageError
+from . import lock, state, templates
+from .batch import ProbeResult, gather
+from .errors import ConfigError, Interrupted, LeftRunning, OpsError, Stop, UsageError
 from .settings import Settings
 from .target import Target
 
@@ -46,6 +54,7 @@ class App:
     db_user: str
     db_name: str
     owner: str
+    disk_free_percent_min: int
 
     @classmethod
     def from_settings(cls, s: Settings) -> "App":
@@ -65,6 +74,7 @@ class App:
             db_user=s.require("backup.db_user"),
             db_name=s.require("backup.db_name"),
             owner=s.require("deploy_user"),
+            disk_free_percent_min=int(s.require("thresholds.disk_free_percent_min")),
         )
 
     def in_dir(self, command: str) -> str:
@@ -122,13 +132,60 @@ def health_gate(target: Target, app: App, *, deadline: int | None = None) -> Gat
     return GateResult(result.ok, responses.strip().splitlines(), logs.strip())
 
 
-def release_facts(target: Target, app: App) -> tuple[list[state.Release], str]:
-    """The release log and the checked-out sha, in one round trip."""
-    facts = gather(target, {
+@dataclass(frozen=True)
+class HostState:
+    """What a release needs to know before it changes anything (one round trip)."""
+
+    log: list[state.Release]
+    head: str
+    facts: dict[str, ProbeResult]
+
+
+def release_probes(app: App) -> dict[str, str]:
+    directory = shlex.quote(app.dir)
+    return {
         "log": state.read_log_command(app.state_dir),
-        "head": f"git -C {shlex.quote(app.dir)} rev-parse HEAD",
-    }, sudo=False)
-    return state.parse_log(facts["log"].stdout), facts["head"].stdout.strip() if facts["head"].ok else ""
+        "head": f"git -C {directory} rev-parse HEAD",
+        "env": f"test -f {shlex.quote(app.dir + '/' + app.env_file)}",
+        "docker": "docker info --format '{{.ServerVersion}}'",
+        # pg_isready inside the container: a paused or wedged PostgreSQL fails this too.
+        "database": f"docker exec {shlex.quote(app.db_container)} pg_isready -q -t 3 "
+                    f"-U {shlex.quote(app.db_user)} -d {shlex.quote(app.db_name)}",
+        "disk": f"df -P {directory} {shlex.quote(app.backup_dir)} | awk 'NR > 1 {{print $6, $5}}'",
+    }
+
+
+def release_facts(target: Target, app: App) -> HostState:
+    """The release log, the checkout and the preconditions of a release, in one round trip."""
+    facts = gather(target, release_probes(app), sudo=False)
+    log = state.parse_log(facts["log"].stdout)
+    return HostState(log, facts["head"].stdout.strip() if facts["head"].ok else "", facts)
+
+
+def preflight_error(host: HostState, app: App, where: str) -> OpsError | None:
+    """Why a release must not start here, or None. Pure: tested as data.
+
+    Whether this is the first release comes from the release log, never from
+    a missing container: a database that should be there and is not stops
+    the release before anything changes.
+    """
+    facts = host.facts
+    if not facts["head"].ok:
+        return ConfigError(f"no checkout in {app.dir} on {where}", "run `deploy.setup` first")
+    if not facts["env"].ok:
+        return ConfigError(f"{app.dir}/{app.env_file} is missing on {where}",
+                           "restore it from your backup (its secrets belong to the database), or run `deploy.setup` on a new host")
+    if not facts["docker"].ok or not facts["docker"].stdout.strip():
+        return OpsError(f"Docker is not answering on {where}", "start it (`sudo systemctl start docker`) and rerun; nothing changed")
+    if state.current_release(host.log) and not facts["database"].ok:
+        return OpsError(f"the database container {app.db_container} is not answering on {where}, but releases exist",
+                        "start it (`docker compose up -d postgres` in the app directory) and rerun; nothing changed")
+    for line in facts["disk"].lines:
+        mount, used = line.rsplit(" ", 1) if " " in line else (line, "")
+        if used.rstrip("%").isdigit() and 100 - int(used.rstrip("%")) < app.disk_free_percent_min:
+            return OpsError(f"only {100 - int(used.rstrip('%'))}% free on {mount} on {where} (below {app.disk_free_percent_min}%)",
+                            "free space (old images: `docker image prune`, old backups) and rerun; nothing changed")
+    return None
 
 
 def report_failed_gate(reporter, gate: GateResult) -> None:
@@ -142,12 +199,113 @@ def report_failed_gate(reporter, gate: GateResult) -> None:
             reporter.info(f"    {line}")
 
 
-def gate_and_record(target: Target, reporter, app: App, release: state.Release, failure: OpsError) -> None:
+def gate_and_record(target: Target, reporter, app: App, release: state.Release, failure: OpsError,
+                    *, log_target: Target | None = None) -> None:
     """Health gate, then the release's log entry with its result; a failed gate
     shows what the service said and raises `failure`."""
     gate = health_gate(target, app)
     release.result, release.finished = (state.RESULT_OK if gate.passed else state.RESULT_FAILED), state.now()
-    state.append(target, app.state_dir, release)
+    if not gate.passed:
+        release.phase = "health gate"
+    state.append(log_target or target, app.state_dir, release)
     if not gate.passed:
         report_failed_gate(reporter, gate)
         raise failure
+
+
+# -- a release cut off halfway ------------------------------------------------------
+
+
+@contextmanager
+def release_lock(ops, app: App, sha: str, message: str, *, wait: int = 0) -> Iterator[lock.HeldLock]:
+    """The deploy lock for a release, and what happens when the run is cut off:
+
+    first Ctrl-C      the running phase finishes on the server, then settle()
+                      puts back what served before, logs it, frees the lock
+    a second Ctrl-C,  leave at once: the release is logged as interrupted (now,
+    SIGTERM (CI)      or by the phase when it ends) and the lock stays held
+                      for `deploy.recover`
+    lost connection   the same, said by lock.HeldLock
+    """
+    with lock.deploy_lock(ops.target, app.state_dir, sha, message, wait=wait) as held:
+        try:
+            yield held
+        except KeyboardInterrupt as stop:
+            stop_cleanly(ops, app, held, stop)
+
+
+@contextmanager
+def phase(ops, held: lock.HeldLock, name: str, reason: str = "") -> Iterator[None]:
+    """A reported phase of a release; its commands run on the server under the lock, named."""
+    held.phase = name
+    with ops.reporter.phase(name, reason=reason):
+        yield
+
+
+def stop_cleanly(ops, app: App, held: lock.HeldLock, stop: KeyboardInterrupt) -> None:
+    phase = held.phase
+    if not isinstance(stop, Stop) and held.release is not None:
+        ops.reporter.info(f"  interrupted: letting '{phase}' finish on the server, then putting back what served before "
+                          "(Ctrl-C again to leave now)")
+        try:
+            info = held.wait_for_phase(3600)
+            _, outcome = settle(ops.target, ops.reporter, app, held, info)
+        except KeyboardInterrupt:
+            pass
+        else:
+            raise Interrupted(f"interrupted during {phase}; {outcome}") from None
+    leave_now(ops, held, phase)
+
+
+def leave_now(ops, held: lock.HeldLock, phase: str) -> None:
+    """Record the release as interrupted and go, the lock held: a phase may still run."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        held.abandon()
+        hint = f"run `deploy.recover` on {ops.where} to settle it and free the lock"
+    except Exception:
+        hint = f"could not record it on {ops.where}; when the host answers, run `deploy.recover`"
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    raise LeftRunning(f"interrupted during {phase}: it goes on on the server under the deploy lock", hint) from None
+
+
+def settle(target: Target, reporter, app: App, held: lock.HeldLock, info: lock.LockInfo) -> tuple[bool, str]:
+    """After a cut-off release (its phase has ended): put back a release that
+    serves — the one before a deploy, the target of a rollback — gate it,
+    log what happened, free the lock. Returns (healthy, what it did in words)."""
+    release, phase = held.release, info.phase or held.phase
+    if release is None:
+        held.release_lock()
+        return True, "nothing had changed"
+    goal = release.sha if release.kind == "rollback" else release.previous
+    entry = replace(release, result=state.RESULT_INTERRUPTED, phase=phase, finished=state.now(),
+                    message=f"interrupted during {phase}")
+    passed = False
+    if goal:
+        held.phase = "recover"
+        with reporter.phase(f"put back {goal[:12]}"):
+            switch_to(held, app, goal)
+            gate = health_gate(held, app)
+        passed = gate.passed
+        if not passed:
+            report_failed_gate(reporter, gate)
+    if release.kind == "rollback":
+        entry.result = state.RESULT_OK if passed else state.RESULT_FAILED
+        entry.message = f"finished after an interruption during {phase}"
+    elif passed:
+        entry.rolled_back_to = goal
+    if info.recorded and release.kind != "rollback":
+        # The interruption is in the log already: add the way back to it.
+        entry = state.Release(sha=goal, kind="rollback", previous=release.sha, who=state.operator(), started=entry.finished,
+                              finished=state.now(), result=state.RESULT_OK if passed else state.RESULT_FAILED,
+                              message=f"recover: put back after {release.sha[:12]} was interrupted during {phase}")
+    if goal or not info.recorded:
+        state.append(target, app.state_dir, entry)
+    held.release_lock()
+    if not goal:
+        return False, f"nothing served before {release.sha[:12]}: deploy again"
+    if passed:
+        return True, f"{goal[:12]} is back and healthy"
+    return False, f"{goal[:12]} is back but /health does not answer 200: check `deploy.status` and the api logs now"

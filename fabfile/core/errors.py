@@ -13,12 +13,15 @@ EXIT_FAILED = 1  # the work itself failed (remote command, health gate)
 EXIT_USAGE = 2  # bad input or missing config: nothing was touched
 EXIT_CONNECT = 3  # could not reach or log in to the host
 EXIT_LOCKED = 4  # someone else holds the deploy lock
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM: the message says what runs and what to do
 
 
 class OpsError(Exception):
     """A failure we can explain in one line."""
 
     exit_code = EXIT_FAILED
+    # True when work may still run on the server: the deploy lock stays held.
+    keeps_lock = False
 
     def __init__(self, what: str, hint: str = ""):
         super().__init__(what)
@@ -51,6 +54,32 @@ class AuthError(ConnectError):
 
 class LockHeldError(OpsError):
     exit_code = EXIT_LOCKED
+
+
+class ConnectionLost(ConnectError):
+    """The connection died while a phase ran under the deploy lock."""
+
+    keeps_lock = True
+
+
+class Interrupted(OpsError):
+    """Stopped by Ctrl-C or a signal, after putting things in order."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+class LeftRunning(Interrupted):
+    """Stopped at once: a phase may still run on the server under the lock."""
+
+    keeps_lock = True
+
+
+class Stop(KeyboardInterrupt):
+    """SIGTERM / SIGHUP (a cancelled CI job, a closed terminal), raised like Ctrl-C."""
+
+    def __init__(self, signal_name: str = "SIGINT"):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
 
 
 class RemoteCommandError(OpsError):

@@ -1,9 +1,9 @@
-"""What the server remembers about releases: the deploy lock and the release log.
+"""What the server remembers about releases: the release log.
 
-Both live in the state directory on the server (settings `state_dir`,
-default /var/lib/coachntt-ops), outside the app checkout:
+It lives in the state directory on the server (settings `state_dir`, default
+/var/lib/coachntt-ops), outside the app checkout, beside the deploy lock
+(core/lock.py):
 
-    deploy.lock/info    who holds the lock, since when, for which sha (mkdir = atomic)
     releases.jsonl      append-only, one JSON object per deploy/rollback attempt
 """
 
@@ -14,18 +14,14 @@ import json
 import os
 import shlex
 import socket
-import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Iterator
 
-from . import templates
-from .errors import LockHeldError
-from .target import Target, command_failed
+from .target import Target
 
 RESULT_OK = "ok"
 RESULT_FAILED = "failed"
+RESULT_INTERRUPTED = "interrupted"  # cut off (Ctrl-C, lost client); `phase` says where
 
 
 @dataclass
@@ -34,7 +30,8 @@ class Release:
 
     sha: str
     kind: str  # deploy | rollback | verify
-    result: str = ""  # ok | failed
+    result: str = ""  # ok | failed | interrupted
+    phase: str = ""  # where a failed or interrupted release stopped
     previous: str = ""
     who: str = ""
     started: str = ""
@@ -122,42 +119,4 @@ def current_release(log: list[Release]) -> Release | None:
 
 
 def append(target: Target, state_dir: str, release: Release) -> None:
-    target.run(f"printf '%s\\n' {shlex.quote(release.to_json())} >> {shlex.quote(log_path(state_dir))}")
-
-
-def lock_status_command(state_dir: str) -> str:
-    return f"sh -c {shlex.quote(templates.script('deploy-lock.sh'))} deploy-lock status {shlex.quote(state_dir)}"
-
-
-@contextmanager
-def deploy_lock(
-    target: Target, state_dir: str, sha: str, message: str, *, break_stale: bool = False, wait: int = 0
-) -> Iterator[None]:
-    """Hold the deploy lock for the block; released on every exit path.
-
-    `wait` seconds: keep asking (every 2 s) while another release holds it.
-    """
-    script = shlex.quote(templates.script("deploy-lock.sh"))
-    if break_stale:
-        target.run(f"sh -c {script} deploy-lock release {shlex.quote(state_dir)}")
-    acquire = (
-        f"sh -c {script} deploy-lock acquire {shlex.quote(state_dir)} "
-        f"{shlex.quote(operator())} {shlex.quote(sha)} {shlex.quote(message)}"
-    )
-    deadline = time.monotonic() + wait
-    result = target.run(acquire, check=False)
-    while result.exit_status == 4 and time.monotonic() < deadline:
-        time.sleep(2)
-        result = target.run(acquire, check=False)
-    if result.exit_status == 4:
-        info = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
-        raise LockHeldError(
-            f"deploy lock held by {info.get('holder', 'unknown')} since {info.get('since', '?')} (sha {info.get('sha', '?')[:12]})",
-            "wait for that release to finish; if its holder is gone, rerun with --break-lock",
-        )
-    if not result.ok:
-        raise command_failed(result, target.label, what="taking the deploy lock")
-    try:
-        yield
-    finally:
-        target.run(f"sh -c {script} deploy-lock release {shlex.quote(state_dir)}", check=False)
+    target.run(f"printf '%s\\n' {shlex.quote(release.to_json())} >> {shlex.quote(log_path(state_dir))}", timeout=30)

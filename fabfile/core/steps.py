@@ -83,7 +83,7 @@ class Reporter:
         self.json = json
         self.stream = stream or sys.stdout
         self.show_diff = show_diff
-        self.counts = {"ok": 0, "changed": 0, "skipped": 0, "failed": 0, "would change": 0}
+        self.counts = {"ok": 0, "changed": 0, "skipped": 0, "failed": 0, "would change": 0, "interrupted": 0}
         self.started = time.monotonic()
 
     def step(self, name: str, status: str, seconds: float, *, reason: str = "", changes: tuple[Change, ...] = ()) -> None:
@@ -130,6 +130,12 @@ class Reporter:
             yield
         except OpsError as exc:
             self.step(name, "failed", time.monotonic() - started, reason=exc.one_line())
+            raise
+        except KeyboardInterrupt:
+            self.step(name, "interrupted", time.monotonic() - started)
+            raise
+        except Exception:
+            self.step(name, "failed", time.monotonic() - started, reason="lost contact with the host")
             raise
         self.step(name, "changed", time.monotonic() - started, reason=reason)
 

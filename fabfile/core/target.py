@@ -34,6 +34,12 @@ from .settings import Settings
 
 # Longer commands go to `sh -s` on stdin: one argument may not exceed ~128 KiB.
 MAX_INLINE_COMMAND = 64 * 1024
+# No command waits forever: one without its own timeout gets this one.
+DEFAULT_TIMEOUT = 1800
+# A half-open connection (a cut link, a dead NAT entry) is noticed within about
+# KEEPALIVE + USER_TIMEOUT seconds instead of hanging while it holds the lock.
+KEEPALIVE_SECONDS = 10
+USER_TIMEOUT_SECONDS = 30
 SUDO_PASSWORD_HINT = (
     "the login user needs passwordless sudo: run `secure` as root once "
     "(it installs a validated sudoers drop-in), or log in as root"
@@ -77,6 +83,7 @@ class Target:
         elif sudo and not self.is_root:
             wrapped = f"sudo -n -- sh -c {shlex.quote(to_run)}"
         self.round_trips += 1
+        timeout = timeout or DEFAULT_TIMEOUT
         try:
             result = self._execute(wrapped, timeout)
         except CommandTimedOut:
@@ -246,9 +253,21 @@ def open_hardened(connection: Connection, settings: Settings, *, accept_new: boo
     # chatty request/response protocol and Nagle's delay costs every round trip.
     sock = socket.create_connection((connection.host, connection.port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    keep_alive(sock)
     connection.connect_kwargs["sock"] = sock
     connection.connect_timeout = timeout
     connection.open()
+    connection.transport.set_keepalive(KEEPALIVE_SECONDS)
+
+
+def keep_alive(sock: socket.socket) -> None:
+    """Probe an idle connection and give up on unacknowledged data (Linux options
+    where the platform has them), so a dead link ends in an error, not a hang."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_SECONDS), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3),
+                        ("TCP_USER_TIMEOUT", USER_TIMEOUT_SECONDS * 1000)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def target_for(c: Any, settings: Settings) -> Target:

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from fabric import task as fabric_task
 from invoke.exceptions import Exit
 
 from . import redact, settings as settings_module
-from .errors import OpsError, UsageError, from_connection_failure
+from .errors import EXIT_INTERRUPTED, OpsError, Stop, UsageError, from_connection_failure
 from .steps import Plan, Reporter, Step, apply_steps, plan_steps, run_steps
 from .target import Target, target_for
 
@@ -89,8 +92,14 @@ def ops_task(*args: Any, **kwargs: Any) -> Any:
         def run(c: Any, *a: Any, dry: bool = False, json: bool = False, diff: bool = False, **kw: Any) -> Any:
             ops = None
             try:
-                ops = Ops(c, dry=dry, json=json, diff=diff)
-                return body(ops, *a, **kw)
+                with signals_as_stop():
+                    ops = Ops(c, dry=dry, json=json, diff=diff)
+                    return body(ops, *a, **kw)
+            except KeyboardInterrupt as stop:
+                # Tasks that change a release catch it themselves (core/app.py release_lock).
+                name = getattr(stop, "signal_name", "SIGINT")
+                raise Exit(f"error: interrupted ({name}) on {ops.where if ops else 'localhost'}; "
+                           "rerun the task: each step checks the host again before changing it", code=EXIT_INTERRUPTED) from None
             except Exception as exc:
                 raise as_exit(exc, ops.where if ops else "localhost") from None
             finally:
@@ -113,6 +122,25 @@ def ops_task(*args: Any, **kwargs: Any) -> Any:
     if len(args) == 1 and callable(args[0]) and not kwargs:
         return decorate(args[0])
     return decorate
+
+
+@contextmanager
+def signals_as_stop() -> Iterator[None]:
+    """SIGTERM (a cancelled CI job) and SIGHUP (a closed terminal) stop a task the
+    way Ctrl-C does, so it can leave the server in order instead of dying mid-step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stop(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def as_exit(exc: Exception, where: str) -> Exception:

@@ -96,8 +96,10 @@ class FakeHost(Target):
                 stdout, status = self.facts[command_text]
                 out += f"{probe['marker']} begin {probe['name']}\n{stdout}\n{probe['marker']} end {probe['name']} {status}\n"
             return Result(command, out, "", 0)
+        appending_to_log = command.startswith("printf '%s\\n' ") and command.rstrip().endswith("releases.jsonl")
         for needle, (status, stdout, stderr) in self.replies.items():
-            if needle in command:
+            # A logged failure quotes the failed command: only a reply aimed at the log fails the append.
+            if needle in command and (not appending_to_log or "releases.jsonl" in needle):
                 return Result(command, stdout, stderr, status)
         return Result(command, "", "", 0)
 
@@ -154,3 +156,21 @@ def refused_before_connecting(project_context, mocker, monkeypatch):
         return info.value
 
     return run
+
+
+def host_with_release_facts(fake_host, log: str, head: str, *, replies=None, **overrides):
+    """A FakeHost answering a release's preflight probes: a healthy host with `log`
+    and `head`; `overrides` replace single facts by name (env=("", 1), ...)."""
+    from fabfile.core.app import App, release_probes
+    from fabfile.core.settings import Settings
+
+    defaults = yaml.safe_load(INVOKE_YAML.read_text())["coachntt"]
+    probes = release_probes(App.from_settings(Settings("production", defaults)))
+    answers = {"log": (log, 0), "head": (head, 0), "env": ("", 0), "docker": ("26.1.5", 0), "database": ("", 0),
+               "disk": ("/ 24%\n/ 24%", 0), **overrides}
+    return fake_host(facts={probes[name]: answer for name, answer in answers.items()}, replies=replies)
+
+
+@pytest.fixture
+def release_host(fake_host):
+    return lambda log, head, **kw: host_with_release_facts(fake_host, log, head, **kw)

@@ -156,18 +156,17 @@ def test_rollback_refuses_a_to_that_is_not_a_commit_id_before_connecting(refused
     assert "--to must be a commit id (7-40 hex digits), got 'HEAD~1'" in exit_.message
 
 
-def test_rollback_to_a_failed_release_reads_the_log_then_exits_2_without_changing_anything(project_context, mocker, fake_host):
+def test_rollback_to_a_failed_release_reads_the_log_then_exits_2_without_changing_anything(project_context, mocker, release_host):
     log = "\n".join(r.to_json() for r in [deploy(A), deploy(B), deploy(C, result="failed", rolled_back_to=B)])
-    host = fake_host(facts={
-        "tail -n 500 /var/lib/coachntt-ops/releases.jsonl 2>/dev/null || true": (log, 0),
-        "git -C /opt/coachntt rev-parse HEAD": (B, 0),
-    })
+    host = release_host(log, B)
     mocker.patch.object(task_module, "target_for", return_value=host)
     with pytest.raises(Exit) as info:
         rollback_module.rollback(project_context, to="ccccccc")
     assert info.value.code == 2
     assert info.value.message == f"error: 'ccccccc' is not a release that went live; recent good releases: {B[:12]}, {A[:12]}"
-    assert len(host.sent) == 1 and "tail -n 500 /var/lib/coachntt-ops/releases.jsonl" in host.sent[0]
+    assert "deploy-lock acquire" in host.sent[0], "the log is read under the lock"
+    assert "tail -n 500 /var/lib/coachntt-ops/releases.jsonl" in host.sent[1]
+    assert len(host.sent) == 3 and "deploy-lock release" in host.sent[2], "nothing but the lock's release follows"
 
 
 # --- deploy.setup steps -----------------------------------------------------------
@@ -244,21 +243,15 @@ def test_after_a_failed_rollback_the_rolled_back_code_counts_as_current():
 # --- hooks and the lock wait --------------------------------------------------------
 
 
-def deploy_host(fake_host, **replies):
+def deploy_host(release_host, **replies):
     """A host where A is live and the fetch resolves the wanted sha to B."""
     log = deploy(A, schema="1").to_json()
-    return fake_host(
-        facts={
-            "tail -n 500 /var/lib/coachntt-ops/releases.jsonl 2>/dev/null || true": (log, 0),
-            "git -C /opt/coachntt rev-parse HEAD": (A, 0),
-        },
-        replies={"git fetch --quiet origin": (0, B + "\n", ""), **replies},
-    )
+    return release_host(log, A, replies={"git fetch --quiet origin": (0, B + "\n", ""), **replies})
 
 
-def test_a_failing_pre_deploy_hook_stops_the_release_before_anything_changes(project_context, mocker, monkeypatch, fake_host):
+def test_a_failing_pre_deploy_hook_stops_the_release_before_anything_changes(project_context, mocker, monkeypatch, release_host):
     monkeypatch.setenv("COACHNTT_APP__HOOKS__PRE_DEPLOY", "./check-freeze")
-    host = deploy_host(fake_host, **{"COACHNTT_HOOK=pre_deploy": (1, "", "deploys are frozen until Monday")})
+    host = deploy_host(release_host, **{"COACHNTT_HOOK=pre_deploy": (1, "", "deploys are frozen until Monday")})
     mocker.patch.object(task_module, "target_for", return_value=host)
     with pytest.raises(Exit) as info:
         deploy_module.deploy(project_context, sha=B)
@@ -266,13 +259,16 @@ def test_a_failing_pre_deploy_hook_stops_the_release_before_anything_changes(pro
     hook = next(c for c in host.sent if "COACHNTT_HOOK=pre_deploy" in c)
     assert f"COACHNTT_SHA={B}" in hook and f"COACHNTT_PREVIOUS_SHA={A}" in hook and "./check-freeze" in hook
     assert not any("git checkout" in c or "backup-db" in c for c in host.sent), "nothing may change after a veto"
+    assert "pre_deploy hook" in info.value.message and "nothing changed" in info.value.message
     assert "deploy-lock release" in host.sent[-1], "the lock is released"
+    entry = next(c for c in host.sent if c.startswith("printf") and c.endswith("releases.jsonl"))
+    assert '"result": "failed"' in entry and '"phase": "pre_deploy hook"' in entry, "the attempt is logged with its phase"
 
 
 def test_lock_wait_asks_again_until_the_holder_is_done(mocker, fake_host):
-    from fabfile.core import state
+    from fabfile.core import lock
 
-    sleeps = mocker.patch.object(state.time, "sleep")
+    sleeps = mocker.patch.object(lock.time, "sleep")
     answers = iter([(4, "holder=ci\nsince=now\nsha=x\n"), (4, "holder=ci\nsince=now\nsha=x\n"), (0, "")])
 
     class BusyThenFree(fake_host):
@@ -284,7 +280,7 @@ def test_lock_wait_asks_again_until_the_holder_is_done(mocker, fake_host):
             return super()._execute(command, timeout)
 
     host = BusyThenFree()
-    with state.deploy_lock(host, "/var/lib/coachntt-ops", B, "", wait=60):
+    with lock.deploy_lock(host, "/var/lib/coachntt-ops", B, "", wait=60):
         pass
     assert sum("deploy-lock acquire" in c for c in host.sent) == 3
     assert sleeps.call_count == 2

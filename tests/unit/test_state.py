@@ -8,7 +8,6 @@ import invoke
 import pytest
 
 from fabfile.core import state
-from fabfile.core.errors import EXIT_LOCKED, LockHeldError
 from fabfile.core.state import Release, current_release, good_releases, parse_log, previous_good
 from fabfile.core.target import LocalTarget
 
@@ -112,30 +111,3 @@ def test_reading_a_missing_log_is_an_empty_log(sh, tmp_path):
     assert sh.run(state.read_log_command(str(tmp_path / "fresh"))).stdout == ""
 
 
-def test_deploy_lock_refuses_a_second_holder_naming_the_first(sh, tmp_path):
-    with state.deploy_lock(sh, str(tmp_path), A, "first release"):
-        assert sh.run(state.lock_status_command(str(tmp_path)), check=False).ok
-        with pytest.raises(LockHeldError) as info:
-            with state.deploy_lock(sh, str(tmp_path), B, "second release"):
-                pytest.fail("the second holder must not get in")
-        assert info.value.exit_code == EXIT_LOCKED
-        assert info.value.what.startswith(f"deploy lock held by {state.operator()} since ")
-        assert info.value.what.endswith(f"(sha {A[:12]})")
-        assert "--break-lock" in info.value.hint
-        assert (tmp_path / "deploy.lock").is_dir(), "a refused second holder must not release the first one's lock"
-    assert not (tmp_path / "deploy.lock").exists()
-    assert not sh.run(state.lock_status_command(str(tmp_path)), check=False).ok
-
-
-def test_deploy_lock_is_released_when_the_block_fails(sh, tmp_path):
-    with pytest.raises(RuntimeError):
-        with state.deploy_lock(sh, str(tmp_path), A, "doomed"):
-            raise RuntimeError("deploy failed")
-    assert not (tmp_path / "deploy.lock").exists()
-
-
-def test_break_stale_takes_over_a_lock_left_behind(sh, tmp_path):
-    (tmp_path / "deploy.lock").mkdir()
-    (tmp_path / "deploy.lock" / "info").write_text("holder=gone@laptop\nsince=2025-01-01T00:00:00Z\nsha=x\n")
-    with state.deploy_lock(sh, str(tmp_path), A, "after a crash", break_stale=True):
-        assert f"sha={A}" in (tmp_path / "deploy.lock" / "info").read_text()

@@ -165,7 +165,7 @@ def test_json_output_is_one_json_object_per_line(fake_host, out):
     records = [json.loads(line) for line in lines(out)]
     assert [(r["step"], r["status"]) for r in records[:3]] == [("motd", "ok"), ("nginx running", "changed"), ("app checkout", "skipped")]
     assert records[1]["changes"] == ["start nginx", "enable nginx"]
-    assert records[3]["summary"] == {"ok": 1, "changed": 1, "skipped": 1, "failed": 0, "would change": 0}
+    assert records[3]["summary"] == {"ok": 1, "changed": 1, "skipped": 1, "failed": 0, "would change": 0, "interrupted": 0}
     assert records[3]["round_trips"] == 2
     assert len(records) == 4
 

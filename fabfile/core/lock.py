@@ -1,0 +1,214 @@
+"""The deploy lock, and the work done under it where the client cannot cut it.
+
+The lock is a directory in the state directory on the server (mkdir is atomic):
+
+    deploy.lock/info          holder, since, sha, message, and this run's token
+    deploy.lock/release.json  the release being made, as its log line would read if cut off now
+    deploy.lock/job.*         the phase running now: name, pid, output, exit status
+
+Every command a release runs under the lock goes through scripts/release-job.sh:
+the phase runs in its own session on the server, so Ctrl-C, a killed CI job or
+a cut connection never stops a migration halfway. The lock is released only by
+the run that holds it (its token) and only when no phase still runs; a run that
+is cut off leaves the lock held with its phase, for `deploy.recover`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shlex
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+from . import state, templates
+from .errors import ConnectionLost, LockHeldError, OpsError, RemoteCommandError
+from .target import Result, Target, command_failed
+
+LOCK_SCRIPT = f"sh -c {shlex.quote(templates.script('deploy-lock.sh'))} deploy-lock"
+JOB_SCRIPT = f"sh -c {shlex.quote(templates.script('release-job.sh'))} release-job"
+# A phase with no timeout of its own still ends: nothing under the lock runs forever.
+DEFAULT_PHASE_TIMEOUT = 600
+# The waiter gets this much longer than the phase, so the server's timeout speaks first.
+CLIENT_MARGIN = 60
+
+
+def lock_dir(state_dir: str) -> str:
+    return f"{state_dir}/deploy.lock"
+
+
+def status_command(state_dir: str) -> str:
+    return f"{LOCK_SCRIPT} status {shlex.quote(state_dir)}"
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """What `deploy-lock.sh status` says about a held lock."""
+
+    holder: str = "unknown"
+    since: str = "?"
+    sha: str = ""
+    message: str = ""
+    token: str = ""
+    job: str = "none"  # running | finished | none
+    phase: str = ""
+    job_status: str = ""
+    job_pid: str = ""
+    recorded: bool = False
+    client_left: bool = False
+    client_connected: bool = False
+    release: state.Release | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "LockInfo":
+        fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+        inflight = state.parse_log(fields.get("release", ""))
+        return cls(
+            holder=fields.get("holder", "unknown"), since=fields.get("since", "?"), sha=fields.get("sha", ""),
+            message=fields.get("message", ""), token=fields.get("token", ""), job=fields.get("job", "none"),
+            phase=fields.get("phase", ""), job_status=fields.get("job_status", ""), job_pid=fields.get("job_pid", ""),
+            recorded=fields.get("recorded") == "yes", client_left=fields.get("client_left") == "yes",
+            client_connected=fields.get("client") == "connected",
+            release=inflight[0] if inflight else None,
+        )
+
+    def describe(self) -> str:
+        work = {"running": f", phase '{self.phase}' still running", "finished": f", stopped after phase '{self.phase}'"}
+        return f"{self.holder} since {self.since} (sha {self.sha[:12] or '?'}{work.get(self.job, '')})"
+
+
+def read(target: Target, state_dir: str) -> LockInfo | None:
+    result = target.run(status_command(state_dir), check=False, timeout=30)
+    return LockInfo.parse(result.stdout) if result.ok else None
+
+
+class HeldLock(Target):
+    """The lock this run holds. As a Target, it runs every command as a phase
+    job on the server (release-job.sh), so callers need not know about it."""
+
+    def __init__(self, target: Target, state_dir: str, token: str):
+        super().__init__()
+        self.target, self.state_dir, self.token = target, state_dir, token
+        self.label, self.login_user, self.is_root = target.label, target.login_user, target.is_root
+        self.phase = "start"
+        self.release: state.Release | None = None
+
+    @property
+    def dir(self) -> str:
+        return lock_dir(self.state_dir)
+
+    def interrupted_entry(self, status: str = "@STATUS@") -> str:
+        """The log line for this release if it is cut off in the current phase."""
+        if self.release is None:
+            return ""
+        return replace(
+            self.release, result=state.RESULT_INTERRUPTED, phase=self.phase, finished="@FINISHED@",
+            message=f"cut off during {self.phase}; the phase ended on the server with exit {status}",
+        ).to_json()
+
+    def run(self, command: str, *, sudo: bool = False, user: str = "", check: bool = True, timeout: int | None = None) -> Result:
+        limit = timeout or DEFAULT_PHASE_TIMEOUT
+        job = (f"{JOB_SCRIPT} run {shlex.quote(self.dir)} {shlex.quote(self.phase)} {limit} "
+               f"{shlex.quote(self.interrupted_entry())} {shlex.quote(command)}")
+        try:
+            outcome = self.target.run(job, sudo=sudo, user=user, check=False, timeout=limit + CLIENT_MARGIN)
+        except RemoteCommandError as exc:
+            # Only the client gave up (the server ends the phase at `limit`): it may still run there.
+            raise self.lost(str(exc.what)) from None
+        self.round_trips += 1
+        result = Result(command, outcome.stdout, outcome.stderr.strip(), outcome.exit_status)
+        if check and not result.ok:
+            raise command_failed(result, self.label)
+        return result
+
+    def lost(self, why: str) -> ConnectionLost:
+        return ConnectionLost(f"lost contact with {self.label} during {self.phase} ({why})",
+                              "the phase goes on on the server under the deploy lock; when the host answers, "
+                              "run `deploy.recover` to settle it and free the lock")
+
+    def wait_for_phase(self, seconds: int) -> LockInfo:
+        """Let the phase running now finish on the server (bounded); the lock's state after."""
+        self.target.run(f"{JOB_SCRIPT} wait {shlex.quote(self.dir)} {int(seconds)}", check=False, timeout=seconds + 30)
+        return read(self.target, self.state_dir) or LockInfo()
+
+    def abandon(self) -> None:
+        """This client leaves: the release is recorded as interrupted now, or by
+        the running phase when it ends. The lock stays held."""
+        self.target.run(f"{JOB_SCRIPT} abandon {shlex.quote(self.dir)} {shlex.quote(self.interrupted_entry('-'))}",
+                        check=False, timeout=15)
+
+    def release_lock(self) -> None:
+        result = self.target.run(f"{LOCK_SCRIPT} release {shlex.quote(self.state_dir)} {shlex.quote(self.token)}",
+                                 check=False, timeout=30)
+        if result.exit_status == 5:
+            raise LockHeldError(f"the deploy lock was taken from this run: {LockInfo.parse(result.stderr).describe()}",
+                                "someone broke it while this release ran; check `deploy.status` and `deploy.history`")
+        if not result.ok:
+            raise command_failed(result, self.label, what="releasing the deploy lock")
+
+
+@contextmanager
+def deploy_lock(target: Target, state_dir: str, sha: str, message: str, *, wait: int = 0) -> Iterator[HeldLock]:
+    """Hold the deploy lock for the block.
+
+    Released when the block ends or raises an OpsError (its failure is
+    recorded by then); kept when the block is cut off (Ctrl-C, a lost
+    connection, an error that `keeps_lock`), because a phase may still run.
+    `wait` seconds: keep asking (every 2 s) while another release holds it.
+    """
+    token = secrets.token_hex(8)
+    acquire = (f"{LOCK_SCRIPT} acquire {shlex.quote(state_dir)} {shlex.quote(token)} "
+               f"{shlex.quote(state.operator())} {shlex.quote(sha)} {shlex.quote(message)}")
+    deadline = time.monotonic() + wait
+    result = target.run(acquire, check=False, timeout=30)
+    while result.exit_status == 4 and time.monotonic() < deadline:
+        time.sleep(2)
+        result = target.run(acquire, check=False, timeout=30)
+    if result.exit_status == 4:
+        raise held_error(LockInfo.parse(result.stdout))
+    if not result.ok:
+        raise command_failed(result, target.label, what="taking the deploy lock")
+    held = HeldLock(target, state_dir, token)
+    try:
+        yield held
+    except OpsError as exc:
+        if not exc.keeps_lock:
+            held.release_lock()
+        raise
+    held.release_lock()
+
+
+def held_error(info: LockInfo) -> LockHeldError:
+    if info.job == "running":
+        hint = "wait for it (--lock-wait N) or follow it with `deploy.status`"
+    elif info.release is not None:
+        hint = "its client is gone and the release is half done: run `deploy.recover`"
+    else:
+        hint = "its client is gone and nothing runs under it: run `deploy.recover` (or rerun with --break-lock)"
+    return LockHeldError(f"deploy lock held by {info.describe()}", hint)
+
+
+def break_stale(target: Target, state_dir: str) -> None:
+    """--break-lock: remove a lock whose holder is gone, never one whose work still
+    runs, never one over a half-done release (that needs `deploy.recover`)."""
+    info = read(target, state_dir)
+    if info is None:
+        return
+    if info.job == "running" or info.release is not None:
+        raise held_error(info)
+    result = target.run(f"{LOCK_SCRIPT} break {shlex.quote(state_dir)}", check=False, timeout=30)
+    if result.exit_status == 4:
+        raise held_error(LockInfo.parse(result.stdout))
+    if not result.ok:
+        raise command_failed(result, target.label, what="breaking the deploy lock")
+
+
+def adopt(target: Target, state_dir: str) -> tuple[HeldLock, LockInfo] | None:
+    """Take over the lock of a run that is gone (for `deploy.recover`)."""
+    info = read(target, state_dir)
+    if info is None:
+        return None
+    held = HeldLock(target, state_dir, info.token)
+    held.release, held.phase = info.release, info.phase or "start"
+    return held, info

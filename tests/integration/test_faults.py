@@ -1,0 +1,453 @@
+"""Faults injected into real runs on sandbox hosts: nothing lost, nothing left unsaid.
+
+Every fault asserts the same invariants where they apply:
+  (a) a release serves (/health 200), or one line says what is down and what fixes it;
+  (b) the release log says what happened (result and phase);
+  (c) the deploy lock is never free while work may still run on the server;
+and: exit code as documented, exactly one line on stderr, no traceback, no row lost.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fabfile.sandbox import example_repo, images
+from fabfile.sandbox.example_repo import GitDaemon
+from fabfile.sandbox.hosts import veth_name
+from opsrun import BIN, PROJECT_DIR, console, fab
+
+# --------------------------------------------------------------------------- deploy and rollback
+
+OVERRIDE = PROJECT_DIR / "configs" / "sandbox" / "compose.sandbox.yml"
+OVERRIDE_ON_HOST = "/etc/coachntt-sandbox/compose.sandbox.yml"
+STATE = "/var/lib/coachntt-ops"
+LOCK = f"{STATE}/deploy.lock"
+HEALTH = "/usr/bin/curl -s -m 5 http://127.0.0.1:8000/health"
+
+# Test equipment, not product: shims in front of git, docker and curl on the host
+# that hold one command (matched by a shell pattern) until the test lets it go,
+# so a signal reaches the client exactly while that phase runs on the server.
+HOLD_SHIM = r"""#!/bin/sh
+name=$(basename "$0")
+for hold in /run/fault-hold/*.hold; do
+    [ -f "$hold" ] || continue
+    pattern=$(cat "$hold")
+    case "$name $*" in
+    $pattern)
+        : > "${hold%.hold}.reached"
+        while [ -f "$hold" ]; do sleep 0.2; done
+        ;;
+    esac
+done
+exec "/usr/bin/$name" "$@"
+"""
+PHASE_PATTERNS = {
+    "fetch": "git*fetch*",
+    "backup database": "docker exec*pg_dump*",
+    "checkout + build": "docker compose*build*",
+    "migrate": "docker compose*scripts.migrate*",
+    "start": "docker compose*up -d --remove-orphans*",
+    "health gate": "curl*/health*",
+}
+
+
+class Service:
+    """The host, the repo it deploys from, and every output the tool printed."""
+
+    def __init__(self, host, repo: Path, env: dict):
+        self.host, self.repo, self.env = host, repo, env
+        self.outputs: list[str] = []
+        self.commits = 0
+
+    def fab(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        result = fab(self.host, *args, user="coachntt", env={**self.env, **(env or {})})
+        self.outputs.append(result.stdout + result.stderr)
+        return result
+
+    def start(self, *args: str) -> subprocess.Popen:
+        """The real CLI in the background, in its own process group, for signals."""
+        command = [str(BIN / "fab"), "-H", f"coachntt@{self.host.ip}", "-i", str(self.host.key), *args]
+        return subprocess.Popen(command, cwd=PROJECT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **self.env}, start_new_session=True)
+
+    def sh(self, command: str) -> str:
+        code, out = console(self.host, command)
+        assert code == 0, f"{command}: {out}"
+        return out
+
+    def health(self) -> dict:
+        code, out = console(self.host, HEALTH)
+        assert code == 0 and out, f"/health does not answer: {out}"
+        return json.loads(out)
+
+    def live(self) -> str:
+        return self.health()["version"]
+
+    def log(self) -> list[dict]:
+        code, out = console(self.host, f"cat {STATE}/releases.jsonl")
+        entries = []
+        for line in out.splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict):
+                entries.append(entry)
+        return entries
+
+    def lock_held(self) -> bool:
+        return console(self.host, f"test -d {LOCK}")[0] == 0
+
+    def new_sha(self, files: dict | None = None) -> str:
+        self.commits += 1
+        return example_repo.commit_change(self.repo, f"release {self.commits}", files or {"RELEASE": f"{self.commits}\n"})
+
+    def note(self, body: str) -> None:
+        out = self.sh(f"/usr/bin/curl -s -m 5 -X POST -H 'Content-Type: application/json' "
+                      f"-d '{json.dumps({'body': body})}' http://127.0.0.1:8000/api/notes")
+        assert body in out, out
+
+    def notes(self) -> str:
+        return self.sh("/usr/bin/curl -s -m 5 http://127.0.0.1:8000/api/notes")
+
+    # -- holding a phase on the server
+
+    def hold(self, phase: str) -> str:
+        name = phase.replace(" ", "_").replace("+", "")
+        self.sh(f"mkdir -p /run/fault-hold && rm -f /run/fault-hold/{name}.reached && "
+                f"printf '%s' {sh_quote(PHASE_PATTERNS[phase])} > /run/fault-hold/{name}.hold")
+        return name
+
+    def wait_reached(self, name: str, process: subprocess.Popen | None = None, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if console(self.host, f"test -e /run/fault-hold/{name}.reached")[0] == 0:
+                return
+            if process is not None and process.poll() is not None:
+                pytest.fail(f"the run ended before reaching {name}: {process.stdout.read()} {process.stderr.read()}")
+            time.sleep(0.3)
+        pytest.fail(f"the run never reached {name}")
+
+    def let_go(self, name: str) -> None:
+        self.sh(f"rm -f /run/fault-hold/{name}.hold")
+
+    def assert_settled(self, live: str) -> None:
+        """The invariants after a fault has been dealt with."""
+        assert not self.lock_held(), "the lock is free once the release is settled"
+        assert self.live() == live, f"{live[:12]} serves"
+
+
+def sh_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def assert_one_line(err: str, *needles: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got: {err!r}"
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def service(vps_factory_module, tmp_path_factory):
+    host = vps_factory_module(flavour="provisioned")
+    images.load_images(host)
+    payload = base64.b64encode(OVERRIDE.read_bytes()).decode()
+    code, out = console(host, f"mkdir -p {Path(OVERRIDE_ON_HOST).parent} && echo {payload} | base64 -d > {OVERRIDE_ON_HOST}")
+    assert code == 0, out
+    secured = fab(host, "secure")
+    assert secured.returncode == 0, secured.stdout + secured.stderr
+    shim = base64.b64encode(HOLD_SHIM.encode()).decode()
+    code, out = console(host, f"echo {shim} | base64 -d > /usr/local/lib/fault-hold && chmod 755 /usr/local/lib/fault-hold && "
+                              "for c in git docker curl; do ln -sf /usr/local/lib/fault-hold /usr/local/bin/$c; done")
+    assert code == 0, out
+
+    served = tmp_path_factory.mktemp("git")
+    repo = served / "app"
+    first = example_repo.make_example_repo(repo)
+    with GitDaemon(served) as git:
+        env = {
+            "COACHNTT_APP__REPO": git.url("app"),
+            "COACHNTT_APP__COMPOSE_OVERRIDES": OVERRIDE_ON_HOST,
+            "COACHNTT_APP__HEALTH_DEADLINE": "25",
+        }
+        svc = Service(host, repo, env)
+        for args in (("deploy.setup",), ("deploy", "--sha", first)):
+            result = svc.fab(*args)
+            assert result.returncode == 0, result.stdout + result.stderr
+        svc.note("written before any fault")
+        yield svc
+
+
+@pytest.mark.parametrize("phase", list(PHASE_PATTERNS))
+def test_one_ctrl_c_in_each_phase_lets_it_finish_then_puts_back_what_served(service, phase):
+    before, new = service.live(), service.new_sha()
+    service.note(f"written before a Ctrl-C in {phase}")
+    name = service.hold(phase)
+    run = service.start("deploy", "--sha", new)
+    service.wait_reached(name, run)
+    os.killpg(run.pid, signal.SIGINT)
+    time.sleep(2)
+    assert run.poll() is None, "one Ctrl-C lets the phase finish before leaving"
+    assert service.lock_held(), "(c) the lock stays held while the phase still runs on the server"
+    assert service.live() == before, "(a) the old release still serves meanwhile"
+    service.let_go(name)
+
+    code, out, err = finish(run)
+    assert code == 130, out + err
+    assert_one_line(err, f"interrupted during {phase}", f"{before[:12]} is back and healthy")
+    service.assert_settled(before)
+    last = service.log()[-1]
+    assert (last["sha"], last["result"], last["phase"]) == (new, "interrupted", phase), last
+    assert last.get("rolled_back_to") == before, last
+    assert f"written before a Ctrl-C in {phase}" in service.notes(), "no row written before the fault is lost"
+
+
+def test_sigkill_mid_migration_keeps_the_lock_until_recover_settles_it(service):
+    before, new = service.live(), service.new_sha()
+    name = service.hold("migrate")
+    run = service.start("deploy", "--sha", new)
+    service.wait_reached(name, run)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.communicate(timeout=30)
+    assert service.live() == before, "(a) the old release serves while the migration is held"
+    assert service.lock_held(), "(c) the lock stays held: the migration still runs"
+    refused = service.fab("deploy", "--sha", new)
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    assert_one_line(refused.stderr, "deploy lock held by", "migrate")
+    service.let_go(name)
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(e.get("result") == "interrupted" and e["sha"] == new for e in service.log()):
+        time.sleep(1)
+    entry = next(e for e in reversed(service.log()) if e["sha"] == new)
+    assert (entry["result"], entry["phase"]) == ("interrupted", "migrate"), "(b) the phase recorded the lost client"
+    assert service.lock_held(), "(c) recorded, but the lock waits for recover"
+
+    recovered = service.fab("deploy.recover")
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    assert "is back and healthy" in recovered.stdout
+    service.assert_settled(before)
+    assert "written before any fault" in service.notes()
+
+
+def test_sigterm_as_ci_sends_it_leaves_at_once_and_recover_settles(service):
+    before, new = service.live(), service.new_sha()
+    name = service.hold("checkout + build")
+    run = service.start("deploy", "--sha", new)
+    service.wait_reached(name, run)
+    os.killpg(run.pid, signal.SIGTERM)
+    code, out, err = finish(run, timeout=60)
+    assert code == 130, out + err
+    assert_one_line(err, "interrupted during checkout + build", "deploy.recover")
+    assert service.lock_held(), "(c) the build still runs: the lock stays"
+    service.let_go(name)
+    recovered = service.fab("deploy.recover")
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    service.assert_settled(before)
+    entries = [e for e in service.log() if e["sha"] == new]
+    assert entries and entries[-1]["result"] == "interrupted" and entries[-1]["phase"] == "checkout + build", entries
+
+
+def cut_link(host, up: bool) -> None:
+    subprocess.run(["ip", "link", "set", veth_name(host.name), "up" if up else "down"], check=True)
+
+
+def test_network_cut_mid_deploy_is_reported_and_recovered_when_it_is_back(service):
+    before, new = service.live(), service.new_sha()
+    name = service.hold("migrate")
+    run = service.start("deploy", "--sha", new)
+    service.wait_reached(name, run)
+    cut_link(service.host, up=False)
+    try:
+        service.let_go(name)  # through the console: the migration ends on the host meanwhile
+        code, out, err = finish(run, timeout=150)
+    finally:
+        cut_link(service.host, up=True)
+    assert code == 3, out + err
+    assert_one_line(err, "lost contact", "during migrate", "deploy.recover")
+    assert service.live() == before, "(a) the old release served throughout"
+    assert service.lock_held(), "(c) the client could not settle it: the lock stays"
+    recovered = service.fab("deploy.recover")
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    service.assert_settled(before)
+    assert any(e["sha"] == new and e.get("result") == "interrupted" for e in service.log()), "(b)"
+
+
+def test_network_cut_mid_rollback_is_finished_by_recover(service):
+    before, new = service.live(), service.new_sha()
+    deployed = service.fab("deploy", "--sha", new)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    name = service.hold("start")
+    # A rollback's switch recreates the containers: hold that command.
+    service.sh(f"printf '%s' {sh_quote('docker compose*up -d --remove-orphans --force-recreate*')} > /run/fault-hold/{name}.hold")
+    run = service.start("rollback", "--to", before)
+    service.wait_reached(name, run)
+    cut_link(service.host, up=False)
+    try:
+        service.let_go(name)
+        code, out, err = finish(run, timeout=150)
+    finally:
+        cut_link(service.host, up=True)
+    assert code == 3, out + err
+    assert_one_line(err, "lost contact", "deploy.recover")
+    assert service.lock_held()
+    recovered = service.fab("deploy.recover")
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    service.assert_settled(before)
+    last = service.log()[-1]
+    assert (last["kind"], last["sha"], last["result"]) == ("rollback", before, "ok"), last
+
+
+def test_sshd_stopped_mid_run_the_release_finishes_on_its_open_connection(service):
+    before, new = service.live(), service.new_sha()
+    name = service.hold("migrate")
+    run = service.start("deploy", "--sha", new)
+    service.wait_reached(name, run)
+    service.sh("systemctl stop ssh.service ssh.socket 2>/dev/null; systemctl stop ssh.service")
+    try:
+        service.let_go(name)
+        code, out, err = finish(run)
+        assert code == 0, out + err
+        assert service.live() == new, "the release finished over the connection it had"
+        refused = service.fab("deploy.status")
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        assert_one_line(refused.stderr, "cannot reach")
+    finally:
+        service.sh("systemctl start ssh.socket 2>/dev/null; systemctl start ssh.service")
+    assert not service.lock_held()
+    assert service.log()[-1]["result"] == "ok"
+    assert before != new
+
+
+def test_disk_full_during_backup_stops_before_any_change(service):
+    before, new = service.live(), service.new_sha()
+    # Rows that compress badly, so the dump outgrows what is left on /backups.
+    service.sh("docker exec ccp_postgres psql -q -U coachntt -d coachntt_prod -c "
+               "\"CREATE TABLE IF NOT EXISTS ballast AS SELECT md5(random()::text) || md5(random()::text) AS x "
+               "FROM generate_series(1, 60000)\"")
+    service.sh("cp -a /backups /tmp/backups-saved && mount -t tmpfs -o size=2m,mode=700 tmpfs /backups && "
+               "chown coachntt:coachntt /backups")
+    try:
+        result = service.fab("deploy", "--sha", new, env={"COACHNTT_THRESHOLDS__DISK_FREE_PERCENT_MIN": "0"})
+        assert result.returncode == 1, result.stdout + result.stderr
+        line = assert_one_line(result.stderr, "during backup database", "nothing changed")
+        assert "space" in line.lower(), line
+        assert service.sh("ls -A /backups") == "", "no partial dump that looks like a backup"
+    finally:
+        service.sh("umount /backups && rm -rf /tmp/backups-saved && "
+                   "docker exec ccp_postgres psql -q -U coachntt -d coachntt_prod -c 'DROP TABLE ballast'")
+    service.assert_settled(before)
+    assert service.sh("git -C /opt/coachntt rev-parse HEAD") == before, "the checkout did not move"
+    last = service.log()[-1]
+    assert (last["sha"], last["result"], last["phase"]) == (new, "failed", "backup database"), last
+
+
+def test_disk_full_during_build_rolls_back_to_what_served(service):
+    before = service.live()
+    new = service.new_sha({"assets/blob.bin": os.urandom(2 * 1024 * 1024)})
+    service.sh("install -d -o coachntt -g coachntt /opt/coachntt/assets && "
+               "mount -t tmpfs -o size=512k tmpfs /opt/coachntt/assets && chown coachntt:coachntt /opt/coachntt/assets")
+    try:
+        result = service.fab("deploy", "--sha", new)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert_one_line(result.stderr, "during checkout + build", f"rolled back to {before[:12]}")
+    finally:
+        service.sh("umount /opt/coachntt/assets")
+    service.assert_settled(before)
+    last = service.log()[-1]
+    assert (last["result"], last["phase"]) == ("failed", "checkout + build"), last
+    assert "written before any fault" in service.notes()
+
+
+@pytest.mark.parametrize("fault,undo,expected_code,words", [
+    ("mv /opt/coachntt/.env.production /root/env.saved", "mv /root/env.saved /opt/coachntt/.env.production",
+     2, ".env.production is missing"),
+    ("systemctl stop docker.service docker.socket", "systemctl start docker.socket docker.service && "
+     "cd /opt/coachntt && sudo -u coachntt docker compose -f docker-compose.prod.yml -f " + OVERRIDE_ON_HOST + " start",
+     1, "Docker is not answering"),
+    ("docker stop ccp_postgres", "docker start ccp_postgres", 1, "database container ccp_postgres is not answering"),
+    ("docker pause ccp_postgres", "docker unpause ccp_postgres", 1, "database container ccp_postgres is not answering"),
+], ids=["env-file-missing", "docker-stopped", "database-container-stopped", "postgresql-down"])
+def test_missing_preconditions_are_refused_in_preflight_changing_nothing(service, fault, undo, expected_code, words):
+    before, new = service.live(), service.new_sha()
+    log_before = service.sh(f"sha256sum {STATE}/releases.jsonl")
+    service.sh(fault)
+    try:
+        result = service.fab("deploy", "--sha", new)
+        assert result.returncode == expected_code, result.stdout + result.stderr
+        assert_one_line(result.stderr, words)
+        assert service.sh("git -C /opt/coachntt rev-parse HEAD") == before, "nothing changed"
+        assert service.sh(f"sha256sum {STATE}/releases.jsonl") == log_before
+        assert not service.lock_held()
+    finally:
+        service.sh(undo)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and console(service.host, HEALTH)[1].find('"ok"') < 0:
+        time.sleep(1)
+    service.assert_settled(before)
+
+
+@pytest.mark.parametrize("bad_lines", [
+    ['{"sha": "' + "a" * 40 + '", "kind": "deploy", "res'],
+    ["null", "[1]", "7", '"text"', "{}", '{"kind": "deploy"}', '{"sha": 5, "kind": "deploy", "result": "ok"}'],
+    ['{"sha": "$(touch /tmp/pwned)", "kind": "deploy", "result": "ok"}',
+     '{"sha": "' + "b" * 40 + '", "kind": "deploy", "result": "ok", "message": "\\u001b[2J; `touch /tmp/pwned`"}',
+     '{"sha": "' + "c" * 40 + '", "kind": "rollback; rm -rf /", "result": "ok"}'],
+], ids=["torn", "not-objects", "hostile"])
+def test_bad_release_log_lines_are_skipped_never_a_traceback(service, bad_lines):
+    before = service.live()
+    payload = base64.b64encode(("\n".join(bad_lines) + "\n").encode()).decode()
+    service.sh(f"echo {payload} | base64 -d >> {STATE}/releases.jsonl")
+    for args in (("deploy.history",), ("rollback.list",), ("deploy", "--sha", before)):
+        result = service.fab(*args)
+        assert "Traceback" not in result.stderr + result.stdout
+        assert result.returncode == 0, f"{args}: {result.stdout + result.stderr}"
+    assert console(service.host, "test -e /tmp/pwned")[0] != 0, "nothing from the log ran"
+    service.assert_settled(before)
+
+
+def test_a_lock_held_by_a_live_release_is_never_broken(service):
+    before, new = service.live(), service.new_sha()
+    name = service.hold("checkout + build")
+    run = service.start("deploy", "--sha", new)
+    service.wait_reached(name, run)
+    try:
+        for args in (("deploy", "--sha", before), ("deploy", "--sha", before, "--break-lock"),
+                     ("deploy.unlock", "--yes"), ("deploy.recover",), ("rollback", "--break-lock")):
+            refused = service.fab(*args)
+            assert refused.returncode == 4, f"{args}: {refused.stdout + refused.stderr}"
+            assert_one_line(refused.stderr, "checkout + build")
+            assert service.lock_held()
+    finally:
+        service.let_go(name)
+    code, out, err = finish(run)
+    assert code == 0, out + err
+    service.assert_settled(new)
+
+
+def test_a_lock_left_by_a_dead_run_is_named_and_can_be_broken(service):
+    before = service.live()
+    service.sh(f"mkdir {LOCK} && printf 'holder=gone@laptop\\nsince=2026-01-01T00:00:00Z\\nsha=abc\\ntoken=dead\\n' > {LOCK}/info "
+               f"&& chown -R coachntt:coachntt {LOCK}")
+    refused = service.fab("deploy", "--sha", before)
+    assert refused.returncode == 4
+    assert_one_line(refused.stderr, "gone@laptop", "--break-lock")
+    result = service.fab("deploy", "--sha", before, "--break-lock")
+    assert result.returncode == 0, result.stdout + result.stderr
+    service.assert_settled(before)
