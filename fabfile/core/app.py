@@ -244,7 +244,14 @@ def phase(ops, held: lock.HeldLock, name: str, reason: str = "") -> Iterator[Non
 
 def stop_cleanly(ops, app: App, held: lock.HeldLock, stop: KeyboardInterrupt) -> None:
     phase = held.phase
-    if not isinstance(stop, Stop) and held.release is not None:
+    if held.release is None:  # nothing has changed yet: let a running read end, free the lock
+        try:
+            held.wait_for_phase(60)
+            held.release_lock()
+        except (KeyboardInterrupt, Exception):
+            leave_now(ops, held, phase)
+        raise Interrupted(f"interrupted during {phase}, before anything changed", "rerun when ready") from None
+    if not isinstance(stop, Stop):
         ops.reporter.info(f"  interrupted: letting '{phase}' finish on the server, then putting back what served before "
                           "(Ctrl-C again to leave now)")
         try:

@@ -68,14 +68,23 @@ def commit_change(path: Path | str, message: str, files: dict[str, str | bytes |
     return git(path, "rev-parse", "HEAD")
 
 
+def free_port(address: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return sock.getsockname()[1]
+
+
 class GitDaemon:
     """A read-only git server on the bridge: the sandbox's stand-in for GitHub.
 
     Started and stopped by its own pid; bounded to the test that uses it.
     """
 
-    def __init__(self, base_path: Path, listen: str = GATEWAY_IP, port: int = 9418):
-        self.base_path, self.listen, self.port = base_path, listen, port
+    def __init__(self, base_path: Path, listen: str = GATEWAY_IP, port: int = 0):
+        # Port 0: a free port of its own, so two test runs never answer for each other.
+        self.base_path, self.listen, self.port = base_path, listen, port or free_port(listen)
         self.process: subprocess.Popen | None = None
 
     def url(self, repo: str) -> str:
@@ -89,6 +98,8 @@ class GitDaemon:
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break  # it could not listen: someone else holds the port
             probe = subprocess.run(["git", "ls-remote", self.url("probe")], capture_output=True, text=True)
             if "Connection refused" not in probe.stderr:
                 return self

@@ -122,7 +122,7 @@ class Service:
 
     def hold(self, phase: str) -> str:
         name = phase.replace(" ", "_").replace("+", "")
-        self.sh(f"mkdir -p /run/fault-hold && rm -f /run/fault-hold/{name}.reached && "
+        self.sh(f"mkdir -p -m 1777 /run/fault-hold && chmod 1777 /run/fault-hold && rm -f /run/fault-hold/{name}.reached && "
                 f"printf '%s' {sh_quote(PHASE_PATTERNS[phase])} > /run/fault-hold/{name}.hold")
         return name
 
