@@ -46,7 +46,8 @@ def directories_step(app: App) -> Step:
         changes = []
         for index, (path, mode) in enumerate(wanted.items()):
             if facts[f"d{index}"].stdout.strip() != f"{mode} {app.owner}":
-                changes.append(Change(f"directory {path} (mode {mode}, {app.owner})", f"install -d -m {mode} -o {app.owner} -g {app.owner} {shlex.quote(path)}"))
+                owner = shlex.quote(app.owner)
+                changes.append(Change(f"directory {path} (mode {mode}, {app.owner})", f"install -d -m {mode} -o {owner} -g {owner} {shlex.quote(path)}"))
         return Plan.change(*changes) if changes else Plan.ok("state and backup directories ready")
 
     return Step(
@@ -57,6 +58,8 @@ def directories_step(app: App) -> Step:
 
 
 def checkout_step(app: App) -> Step:
+    owner = shlex.quote(app.owner)
+
     def plan(facts: Facts) -> Plan:
         if not facts["owner"].ok:
             return Plan.skipped(f"user {app.owner} missing: run `secure` first")
@@ -66,11 +69,11 @@ def checkout_step(app: App) -> Step:
             raise UsageError("missing config value 'app.repo'", "set COACHNTT_APP__REPO=<git url> in the env file")
         return Plan.change(Change(
             f"clone {app.repo} into {app.dir}",
-            f"install -d -o {app.owner} -g {app.owner} {shlex.quote(app.dir)} && "
-            f"sudo -n -u {app.owner} git clone --quiet {shlex.quote(app.repo)} {shlex.quote(app.dir)}",
+            f"install -d -o {owner} -g {owner} {shlex.quote(app.dir)} && "
+            f"sudo -n -u {owner} git clone --quiet -- {shlex.quote(app.repo)} {shlex.quote(app.dir)}",
         ))
 
-    return Step("app checkout", probes={"owner": f"id -u {app.owner}", "git": f"test -d {shlex.quote(app.dir)}/.git"}, plan=plan)
+    return Step("app checkout", probes={"owner": f"id -u {owner}", "git": f"test -d {shlex.quote(app.dir + '/.git')}"}, plan=plan)
 
 
 def env_file_step(app: App) -> Step:
@@ -82,7 +85,7 @@ def env_file_step(app: App) -> Step:
         return Plan.change(Change(
             f"create {env_path} from .env.example with generated secrets (mode 600)",
             f"sh -c {shlex.quote(templates.script('make-env.sh'))} make-env "
-            f"{shlex.quote(app.dir + '/.env.example')} {shlex.quote(env_path)} {app.owner}:{app.owner}",
+            f"{shlex.quote(app.dir + '/.env.example')} {shlex.quote(env_path)} {shlex.quote(f'{app.owner}:{app.owner}')}",
         ))
 
     return Step("env file + secrets", probes={"env": f"test -e {shlex.quote(env_path)}"}, plan=plan)
@@ -110,7 +113,8 @@ def backup_before_migrate(ops, app: App, sha: str) -> str:
     """pg_dump before the schema can change; '' on a first deploy (no database yet)."""
     result = ops.target.run(
         f"bash -c {shlex.quote(templates.script('backup-db.sh'))} backup-db "
-        f"{app.db_container} {app.db_user} {app.db_name} {shlex.quote(app.backup_dir)} pre-{sha[:12]}",
+        f"{shlex.quote(app.db_container)} {shlex.quote(app.db_user)} {shlex.quote(app.db_name)} "
+        f"{shlex.quote(app.backup_dir)} {shlex.quote('pre-' + sha[:12])}",
         user=app.owner, check=False, timeout=1800,
     )
     if result.exit_status == 3:
@@ -199,7 +203,7 @@ def ship(ops, app: App, release: state.Release, good: list[str]) -> None:
         release.backup = backup_before_migrate(ops, app, sha)
     try:
         with ops.reporter.phase("checkout + build"):
-            ops.target.run(app.in_dir(f"git checkout --quiet --detach {sha}"), user=app.owner)
+            ops.target.run(app.in_dir(f"git checkout --quiet --detach {shlex.quote(sha)}"), user=app.owner)
             ops.target.run(app.compose("build --quiet api", sha), user=app.owner, timeout=1800)
         with ops.reporter.phase("database up"):
             ops.target.run(app.compose("up -d --wait postgres", sha), user=app.owner, timeout=300)

@@ -65,7 +65,7 @@ def restore_database(ops, app: App, backup: str) -> None:
     ops.target.run(app.compose("stop api pgbouncer"), user=app.owner, timeout=120)
     result = ops.target.run(
         f"bash -c {shlex.quote(templates.script('restore-db.sh'))} restore-db "
-        f"{app.db_container} {app.db_user} {app.db_name} {shlex.quote(backup)}",
+        f"{shlex.quote(app.db_container)} {shlex.quote(app.db_user)} {shlex.quote(app.db_name)} {shlex.quote(backup)}",
         user=app.owner, check=False, timeout=1800,
     )
     if not result.ok:

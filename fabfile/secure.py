@@ -77,19 +77,19 @@ def deploy_user_step(user: str, groups: list[str]) -> Step:
             # Docker may come later (deps); the group must exist for usermod now.
             changes.append(Change("create group docker", "groupadd --system docker"))
         if not facts["groups"].ok:
-            changes.append(Change(f"create user {user}", f"useradd --create-home --shell /bin/bash {user}"))
+            changes.append(Change(f"create user {user}", f"useradd --create-home --shell /bin/bash {shlex.quote(user)}"))
             missing = groups
         else:
             missing = [g for g in groups if g not in facts["groups"].stdout.split()]
         if missing:
-            changes.append(Change(f"add {user} to {', '.join(missing)}", f"usermod -aG {','.join(missing)} {user}"))
+            changes.append(Change(f"add {user} to {', '.join(missing)}", f"usermod -aG {shlex.quote(','.join(missing))} {shlex.quote(user)}"))
         if not changes:
             return Plan.ok(f"{user} in {', '.join(groups)}")
         return Plan.change(*changes)
 
     return Step(
         "deploy user",
-        probes={"groups": f"id -nG {user}", "docker_group": "getent group docker"},
+        probes={"groups": f"id -nG {shlex.quote(user)}", "docker_group": "getent group docker"},
         plan=plan,
     )
 
@@ -102,7 +102,7 @@ def authorized_keys_step(user: str, keys: list[str]) -> Step:
         "\n".join(keys) + "\n",
         mode="0600",
         owner=f"{user}:{user}",
-        then=f"chown {user}:{user} /home/{user}/.ssh && chmod 700 /home/{user}/.ssh",
+        then=f"chown {shlex.quote(f'{user}:{user}')} {shlex.quote(f'/home/{user}/.ssh')} && chmod 700 {shlex.quote(f'/home/{user}/.ssh')}",
     )
 
 
@@ -113,7 +113,7 @@ def sudoers_step(user: str) -> Step:
         path,
         templates.render("sudoers/90-coachntt.j2", user=user),
         mode="0440",
-        validate=f"visudo -cq -f {path}",
+        validate=f"visudo -cq -f {shlex.quote(path)}",
     )
 
 
@@ -173,7 +173,7 @@ def firewall_step(allow: list[str]) -> Step:
     def plan(facts: Facts) -> Plan:
         status = facts["status"].stdout
         rules = [line.split()[0] for line in facts["status"].lines if " ALLOW " in f" {line} "]
-        changes = [Change(f"allow {rule}", f"ufw allow {rule}") for rule in allow if rule not in rules]
+        changes = [Change(f"allow {rule}", f"ufw allow {shlex.quote(rule)}") for rule in allow if rule not in rules]
         if "deny (incoming)" not in status:
             changes.append(Change("deny incoming by default", "ufw default deny incoming"))
         if "allow (outgoing)" not in status:
@@ -221,7 +221,7 @@ def unattended_upgrades_steps() -> list[Step]:
 def prove_deploy_login(ops, user: str) -> None:
     """Before sshd stops accepting root/passwords, the deploy user must get in and sudo."""
     if isinstance(ops.target, LocalTarget):
-        ops.target.run(f"sudo -n -u {user} sudo -n true", sudo=True)
+        ops.target.run(f"sudo -n -u {shlex.quote(user)} sudo -n true", sudo=True)
         ops.reporter.info(f"  note: running on the host itself; log in as {user} from a second terminal before closing this one")
         return
     try:

@@ -112,7 +112,7 @@ def health_gate(target: Target, app: App, *, deadline: int | None = None) -> Gat
     script = shlex.quote(templates.script("health-gate.sh"))
     url, limit = shlex.quote(app.health_url), deadline if deadline is not None else app.health_deadline
     result = target.run(
-        f"sh -c {script} health-gate {url} {limit} {app.health_interval}"
+        f"sh -c {script} health-gate {url} {shlex.quote(str(limit))} {shlex.quote(str(app.health_interval))}"
         f" || {{ status=$?; echo '--- api logs ---'; {app.compose('logs --no-color --tail 20 api')} 2>&1; exit $status; }}",
         check=False,
         user=app.owner,

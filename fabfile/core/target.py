@@ -255,10 +255,8 @@ def target_for(c: Any, settings: Settings) -> Target:
     """The Target for this run: the -H host, else the configured host, else local."""
     if isinstance(c, Connection):
         return RemoteTarget(c, settings)
-    host = settings.get("host")
+    host = settings.get("host")  # validated with the settings: user@host[:port]
     if host:
-        if not isinstance(host, str) or " " in host:
-            raise ConfigError(f"COACHNTT_HOST must be user@host[:port], got '{host}'", "fix .env." + settings.env)
         return RemoteTarget(Connection(host, config=c.config), settings)
     return LocalTarget(c)
 

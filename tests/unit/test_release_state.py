@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 
 import pytest
 from invoke.exceptions import Exit
@@ -219,7 +220,7 @@ def test_missing_checkout_is_cloned_as_the_deploy_user(app):
     assert change.summary == "clone https://github.com/example/coachntt.git into /opt/coachntt"
     assert change.command == (
         "install -d -o coachntt -g coachntt /opt/coachntt && "
-        "sudo -n -u coachntt git clone --quiet https://github.com/example/coachntt.git /opt/coachntt"
+        "sudo -n -u coachntt git clone --quiet -- https://github.com/example/coachntt.git /opt/coachntt"
     )
 
 
@@ -288,3 +289,32 @@ def test_lock_wait_asks_again_until_the_holder_is_done(mocker, fake_host):
         pass
     assert sum("deploy-lock acquire" in c for c in host.sent) == 3
     assert sleeps.call_count == 2
+
+
+# --- defence in depth: a value that slipped past validation is still one word -----
+
+HOSTILE = "x$(touch /tmp/y);z"
+
+
+def test_setup_commands_quote_the_owner_and_paths(app):
+    app = dataclasses.replace(app, owner=HOSTILE, repo="https://github.com/example/coachntt.git")
+    commands = [
+        *(c.command for c in directories_step(app).plan({"d0": missing, "d1": missing}).changes),
+        *(c.command for c in checkout_step(app).plan({"owner": ok("1000"), "git": missing}).changes),
+        *(c.command for c in env_file_step(app).plan({"env": missing}).changes),
+        *checkout_step(app).probes.values(),
+    ]
+    for command in commands:
+        assert "$(touch" not in command.replace(f"'{HOSTILE}'", "").replace(f"'{HOSTILE}:{HOSTILE}'", ""), command
+
+
+def test_backup_and_restore_pass_database_settings_as_single_words(app, mocker, fake_host):
+    app = dataclasses.replace(app, db_container=HOSTILE, db_user=HOSTILE, db_name=HOSTILE)
+    host = fake_host(replies={"backup-db": (0, "/backups/db.sql.gz\n", ""), "restore-db": (0, "", "")})
+    ops = mocker.Mock(target=host)
+    deploy_module.backup_before_migrate(ops, app, "a" * 40)
+    rollback_module.restore_database(ops, app, "/backups/db.sql.gz")
+    # What the host's sh runs, split the way that sh splits it:
+    backup, restore = (shlex.split(shlex.split(c)[-1]) for c in host.sent if "backup-db" in c or "restore-db" in c)
+    assert backup[-6:] == ["backup-db", HOSTILE, HOSTILE, HOSTILE, "/backups", "pre-aaaaaaaaaaaa"]
+    assert restore[-5:] == ["restore-db", HOSTILE, HOSTILE, HOSTILE, "/backups/db.sql.gz"]

@@ -459,3 +459,16 @@ def test_ssh_may_be_named_by_port_or_profile(project_context, mocker, monkeypatc
         secure.secure(project_context)
     assert info.value.code == 2
     assert info.value.message.startswith("error: no public key to install for coachntt; ")
+
+
+# --- defence in depth: a value that slipped past validation is still one word -----
+
+
+def test_user_and_group_names_are_quoted_in_every_command():
+    hostile = "x$(touch /tmp/y)"
+    step = deploy_user_step(hostile, ["sudo", hostile])
+    assert step.probes["groups"] == f"id -nG '{hostile}'"
+    for command in commands(step.plan({"groups": missing, "docker_group": ok()})):
+        assert "$(touch" not in command.replace(f"'{hostile}'", "").replace(f"'sudo,{hostile}'", ""), command
+    (allow,) = commands(firewall_step(["22/tcp;ufw disable"]).plan({"status": ok("Status: active\ndeny (incoming)\nallow (outgoing)")}))
+    assert allow == "ufw allow '22/tcp;ufw disable'"

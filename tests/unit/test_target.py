@@ -41,15 +41,6 @@ def test_configured_host_gives_a_remote_target_to_that_host(no_connect, defaults
     assert no_connect.call_count == 1
 
 
-def test_configured_host_with_a_space_is_a_config_error_before_connecting(no_connect, defaults):
-    settings = Settings("staging", {**defaults, "host": "deploy@bad host"})
-    with pytest.raises(ConfigError) as info:
-        target_for(invoke.Context(), settings)
-    assert info.value.what == "COACHNTT_HOST must be user@host[:port], got 'deploy@bad host'"
-    assert "fix .env.staging" in info.value.hint
-    no_connect.assert_not_called()
-
-
 def test_no_host_anywhere_gives_the_local_target(no_connect, settings):
     context = invoke.Context()
     chosen = target_for(context, settings)

@@ -316,3 +316,23 @@ def test_diff_flag_shows_file_content_changes_in_a_dry_run(project_context, mock
     configure(project_context, dry=True, diff=True)
     out = capsys.readouterr().out
     assert "would change" in out and "+hello" in out
+
+
+# --- settings are validated for every task, before any connection ---------------
+
+
+def ops_tasks():
+    from fabfile import ns
+
+    return [name for name in ns.task_names if not name.startswith("sandbox.")]
+
+
+@pytest.mark.parametrize("name", ops_tasks())
+@pytest.mark.parametrize("dry", [False, True])
+def test_every_task_refuses_a_bad_setting_before_connecting(refused_before_connecting, name, dry):
+    from fabfile import ns
+
+    exit_ = refused_before_connecting(ns[name], env={"COACHNTT_DEPLOY_USER": "coachntt;touch /tmp/x"}, dry=dry)
+    assert exit_.code == 2
+    assert exit_.message.startswith("error: deploy_user must be a user name"), exit_.message
+    assert "got 'coachntt;touch /tmp/x'" in exit_.message
