@@ -166,6 +166,9 @@ def roll_back_after_failure(ops, app: App, release: state.Release, good: list[st
 def deploy(ops, sha="", message="", break_lock=False, lock_wait=0):
     """Deploy one exact sha: lock, fetch, backup, migrate, start, health gate, log."""
     sha = validate_sha(sha)
+    if not message.isprintable():
+        # The release log keeps one entry per line; its reader skips control characters.
+        raise UsageError("--message must be one line of text", "leave out newlines and control characters")
     app = App.from_settings(ops.settings)
     log, head = release_facts(ops.target, app)
     current = state.current_release(log)
@@ -237,6 +240,8 @@ def history(ops):
         ops.reporter.info(f"  {r.started or r.finished:<20} {r.kind:<8} {r.sha[:12]:<12} {r.result:<6} schema {r.schema or '-':<4} {r.who}{extra}")
     if not log:
         ops.reporter.info("  no releases yet")
+    if log.skipped:
+        ops.reporter.info(f"  warning: skipped {log.skipped} unreadable line(s) of {state.log_path(app.state_dir)}")
 
 
 @ops_task

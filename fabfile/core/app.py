@@ -122,8 +122,8 @@ def health_gate(target: Target, app: App, *, deadline: int | None = None) -> Gat
     return GateResult(result.ok, responses.strip().splitlines(), logs.strip())
 
 
-def release_facts(target: Target, app: App) -> tuple[list[state.Release], str]:
-    """The release log and the checked-out sha, in one round trip."""
+def release_facts(target: Target, app: App) -> tuple[state.ReleaseLog, str]:
+    """The release log (well-formed entries only) and the checked-out sha, in one round trip."""
     facts = gather(target, {
         "log": state.read_log_command(app.state_dir),
         "head": f"git -C {shlex.quote(app.dir)} rev-parse HEAD",

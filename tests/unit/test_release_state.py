@@ -171,6 +171,25 @@ def test_rollback_to_a_failed_release_reads_the_log_then_exits_2_without_changin
     assert len(host.sent) == 1 and "tail -n 500 /var/lib/coachntt-ops/releases.jsonl" in host.sent[0]
 
 
+def test_history_shows_the_readable_entries_and_warns_about_the_rest(project_context, mocker, fake_host, capsys):
+    log = "\n".join([deploy(A).to_json(), "null", '{"sha": "$(touch /tmp/x)", "kind": "deploy"}', deploy(B).to_json(), '{"sha": "b'])
+    host = fake_host(facts={
+        "tail -n 500 /var/lib/coachntt-ops/releases.jsonl 2>/dev/null || true": (log, 0),
+        "git -C /opt/coachntt rev-parse HEAD": (B, 0),
+    })
+    mocker.patch.object(task_module, "target_for", return_value=host)
+    deploy_module.history(project_context)
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in out[:2]] == [A[:12], B[:12]]
+    assert out[2] == "  warning: skipped 3 unreadable line(s) of /var/lib/coachntt-ops/releases.jsonl"
+
+
+def test_deploy_refuses_a_multi_line_message_before_connecting(refused_before_connecting):
+    exit_ = refused_before_connecting(deploy_module.deploy, message="first\nsecond")
+    assert exit_.code == 2
+    assert exit_.message.startswith("error: --message must be one line of text; ")
+
+
 # --- deploy.setup steps -----------------------------------------------------------
 
 
