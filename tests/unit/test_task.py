@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import invoke
 import pytest
@@ -15,6 +17,8 @@ from fabfile.core.errors import ConfigError, ConnectError, LockHeldError, OpsErr
 from fabfile.core.settings import PROJECT_DIR
 from fabfile.core.task import COMMON_HELP, not_implemented, ops_task
 
+# The venv's own fab and inv, found without the venv on PATH (CI runs with the system PATH).
+BIN = Path(sys.executable).parent
 NAMESPACES = ["secure", "deps", "nginx", "deploy", "ssl", "backup", "rollback", "monitor", "release"]
 
 
@@ -252,13 +256,15 @@ def pending_task():
 @pytest.fixture(scope="module")
 def cli():
     """The real `fab` and `inv` in the project directory, run side by side (each costs ~0.5 s)."""
+    fab, inv = str(BIN / "fab"), str(BIN / "inv")
     commands = {
-        "fab --list": ["fab", "--list"],
-        "inv --list": ["inv", "--list"],
-        "unreachable": ["fab", "-H", "nobody@127.0.0.1:1", "deps.check"],
+        "fab --list": [fab, "--list"],
+        "inv --list": [inv, "--list"],
+        "unreachable": [fab, "-H", "nobody@127.0.0.1:1", "deps.check"],
+        "missing key": [fab, "-H", "nobody@127.0.0.1:1", "-i", "/nonexistent", "deps.check"],
     }
     if pending_task():
-        commands["pending"] = ["inv", pending_task()]
+        commands["pending"] = [inv, pending_task()]
     procs = {
         key: subprocess.Popen(argv, cwd=PROJECT_DIR, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for key, argv in commands.items()
@@ -292,6 +298,12 @@ def test_unreachable_host_is_one_error_line_without_traceback(cli):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert result.returncode == 3
+
+
+def test_a_missing_key_file_is_named_with_exit_2_not_cannot_reach(cli):
+    result = cli["missing key"]
+    assert result.stderr == "error: key file /nonexistent does not exist; pass the private key with -i\n"
+    assert result.returncode == 2
 
 
 def test_a_not_yet_implemented_task_exits_2(cli):
