@@ -27,14 +27,20 @@ from invoke import Collection
 
 from .core import state, templates
 from .core.app import (
-    App, fetch_sha, gate_and_record, health_gate, release_facts, report_failed_gate, switch_to, validate_sha,
+    App,
+    fetch_sha,
+    gate_and_record,
+    health_gate,
+    release_facts,
+    report_failed_gate,
+    switch_to,
+    validate_sha,
 )
 from .core.batch import gather
 from .core.errors import OpsError, UsageError
 from .core.steps import Change, Facts, Plan, Step
 from .core.target import command_failed
 from .core.task import ops_task
-
 
 # -- setup ------------------------------------------------------------------------
 
@@ -47,7 +53,8 @@ def directories_step(app: App) -> Step:
         for index, (path, mode) in enumerate(wanted.items()):
             if facts[f"d{index}"].stdout.strip() != f"{mode} {app.owner}":
                 owner = shlex.quote(app.owner)
-                changes.append(Change(f"directory {path} (mode {mode}, {app.owner})", f"install -d -m {mode} -o {owner} -g {owner} {shlex.quote(path)}"))
+                changes.append(Change(f"directory {path} (mode {mode}, {app.owner})",
+                                      f"install -d -m {mode} -o {owner} -g {owner} {shlex.quote(path)}"))
         return Plan.change(*changes) if changes else Plan.ok("state and backup directories ready")
 
     return Step(
@@ -154,7 +161,8 @@ def roll_back_after_failure(ops, app: App, release: state.Release, good: list[st
     state.append(ops.target, app.state_dir, release)
     if gate.passed:
         raise OpsError(f"release {release.sha[:12]} failed: {why}", f"rolled back to {fallback[:12]}, which is healthy")
-    raise OpsError(f"release {release.sha[:12]} failed: {why}; the rollback to {fallback[:12]} is unhealthy too", "check `deploy.status` and the api logs now")
+    raise OpsError(f"release {release.sha[:12]} failed: {why}; the rollback to {fallback[:12]} is unhealthy too",
+                   "check `deploy.status` and the api logs now")
 
 
 @ops_task(default=True, help={
@@ -237,7 +245,8 @@ def history(ops):
     log, _ = release_facts(ops.target, app)
     for r in log:
         extra = f" -> rolled back to {r.rolled_back_to[:12]}" if r.rolled_back_to else ""
-        ops.reporter.info(f"  {r.started or r.finished:<20} {r.kind:<8} {r.sha[:12]:<12} {r.result:<6} schema {r.schema or '-':<4} {r.who}{extra}")
+        ops.reporter.info(f"  {r.started or r.finished:<20} {r.kind:<8} {r.sha[:12]:<12} {r.result:<6} "
+                          f"schema {r.schema or '-':<4} {r.who}{extra}")
     if not log:
         ops.reporter.info("  no releases yet")
     if log.skipped:

@@ -93,7 +93,8 @@ def rollback(ops, to="", with_db=False, yes=False, break_lock=False, lock_wait=0
                           f"old code may not run on it. Matching backup: {backup or 'none recorded'} (use --with-db)")
     if with_db:
         if not backup:
-            raise UsageError(f"no backup recorded before {current.sha[:12]}", "roll back without --with-db, or restore one with backup.restore")
+            raise UsageError(f"no backup recorded before {current.sha[:12]}",
+                             "roll back without --with-db, or restore one with backup.restore")
         if not yes:
             raise UsageError(f"--with-db replaces the database with {backup}", "rerun with --yes to confirm")
     if ops.dry:

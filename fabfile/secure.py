@@ -82,7 +82,8 @@ def deploy_user_step(user: str, groups: list[str]) -> Step:
         else:
             missing = [g for g in groups if g not in facts["groups"].stdout.split()]
         if missing:
-            changes.append(Change(f"add {user} to {', '.join(missing)}", f"usermod -aG {shlex.quote(','.join(missing))} {shlex.quote(user)}"))
+            changes.append(Change(f"add {user} to {', '.join(missing)}",
+                                  f"usermod -aG {shlex.quote(','.join(missing))} {shlex.quote(user)}"))
         if not changes:
             return Plan.ok(f"{user} in {', '.join(groups)}")
         return Plan.change(*changes)
@@ -121,7 +122,8 @@ def sshd_step() -> Step:
     # `sshd -t` validates; `sshd -T` shows the effective values, proving our
     # drop-in really wins over cloud-init's and the main file. sshd -t needs
     # its privilege separation directory, which systemd removes when sshd stops.
-    validate = "{ install -d -m 0755 /run/sshd && sshd -t && sshd -T | grep -qx 'permitrootlogin no' && sshd -T | grep -qx 'passwordauthentication no'; }"
+    validate = ("{ install -d -m 0755 /run/sshd && sshd -t && sshd -T | grep -qx 'permitrootlogin no' "
+                "&& sshd -T | grep -qx 'passwordauthentication no'; }")
 
     def plan(facts: Facts) -> Plan:
         content = templates.render(
@@ -240,7 +242,9 @@ def prove_deploy_login(ops, user: str) -> None:
 # -- tasks ----------------------------------------------------------------------
 
 
-@ops_task(default=True, help={"keys": "public key line(s) for the deploy user, comma separated (default: settings, else the key this run used)"})
+@ops_task(default=True, help={
+    "keys": "public key line(s) for the deploy user, comma separated (default: settings, else the key this run used)",
+})
 def secure(ops, keys=""):
     """Harden a fresh host: deploy user, sshd, ufw, fail2ban, unattended-upgrades."""
     settings = ops.settings
@@ -311,13 +315,15 @@ def audit_findings(facts: Facts, allowed_ports: set[str]) -> list[tuple[str, boo
     return [
         ("root login refused", sshd.get("permitrootlogin") == "no", f"PermitRootLogin {sshd.get('permitrootlogin', '?')}"),
         ("password login refused", sshd.get("passwordauthentication") == "no" and sshd.get("kbdinteractiveauthentication") == "no",
-         f"PasswordAuthentication {sshd.get('passwordauthentication', '?')}, KbdInteractiveAuthentication {sshd.get('kbdinteractiveauthentication', '?')}"),
+         f"PasswordAuthentication {sshd.get('passwordauthentication', '?')}, "
+         f"KbdInteractiveAuthentication {sshd.get('kbdinteractiveauthentication', '?')}"),
         ("firewall active, default deny", walled,
          ufw.splitlines()[0] if ufw else "ufw not installed"),
         ("fail2ban sshd jail", facts["fail2ban"].ok, "jail sshd running" if facts["fail2ban"].ok else "no sshd jail"),
         ("unattended-upgrades", 'Unattended-Upgrade "1"' in auto and facts["unattended_service"].stdout.strip() == "enabled",
          "enabled" if 'Unattended-Upgrade "1"' in auto else "not enabled"),
-        ("no unexpected open ports", not exposed, "exposed: " + ", ".join(exposed) if exposed else "only " + " ".join(sorted(allowed_ports)) + " reachable"),
+        ("no unexpected open ports", not exposed,
+         "exposed: " + ", ".join(exposed) if exposed else "only " + " ".join(sorted(allowed_ports)) + " reachable"),
     ]
 
 

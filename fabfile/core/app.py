@@ -49,7 +49,7 @@ class App:
     owner: str
 
     @classmethod
-    def from_settings(cls, s: Settings) -> "App":
+    def from_settings(cls, s: Settings) -> App:
         overrides = s.get("app.compose_overrides") or []
         return cls(
             dir=s.require("app.dir"),

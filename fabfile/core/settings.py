@@ -22,9 +22,10 @@ from __future__ import annotations
 import copy
 import os
 import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from dotenv import dotenv_values
 
@@ -73,7 +74,7 @@ class Settings:
             )
         return value
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> "Settings":
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
         """The command-line layer: flags given to a task, as dotted keys."""
         values = copy.deepcopy(dict(self.values))
         sources = dict(self.sources)
@@ -283,10 +284,12 @@ RULES: dict[str, Rule] = {
     "state_dir": Rule("an absolute path below / (letters, digits, . _ - /)", _absolute_dir),
     "authorized_keys": Rule("a list of public key lines like 'ssh-ed25519 AAAA... comment'", _matches(PUBLIC_KEY), each=True),
     "app.dir": Rule("an absolute path below / (letters, digits, . _ - /)", _absolute_dir),
-    "app.repo": Rule("a git URL (https://, ssh://, git://, file://, user@host:path) or an absolute path", lambda v: v == "" or _matches(GIT_REPO)(v)),
+    "app.repo": Rule("a git URL (https://, ssh://, git://, file://, user@host:path) or an absolute path",
+                     lambda v: v == "" or _matches(GIT_REPO)(v)),
     "app.branch": Rule("a git branch name (letters, digits, . _ - /)", _matches(GIT_BRANCH)),
     "app.compose_file": Rule("a file name inside app.dir or an absolute path (letters, digits, . _ - /)", _compose_file),
-    "app.compose_overrides": Rule("a list of file names inside app.dir or absolute paths (letters, digits, . _ - /)", _compose_file, each=True),
+    "app.compose_overrides": Rule("a list of file names inside app.dir or absolute paths (letters, digits, . _ - /)",
+                                  _compose_file, each=True),
     "app.env_file": Rule("a file name inside app.dir (letters, digits, . _ - /)", _path_inside_app_dir),
     "app.health_url": Rule("an http(s) URL on 127.0.0.1 or localhost, like http://127.0.0.1:8000/health", _matches(HEALTH_URL)),
     "app.health_deadline": Rule("a whole number of seconds from 1 to 3600", _whole_number(1, 3600)),

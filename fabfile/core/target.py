@@ -20,9 +20,10 @@ import secrets
 import shlex
 import socket
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import paramiko
 from fabric import Connection

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fabric import task as fabric_task
 from invoke.exceptions import Exit
 
-from . import redact, settings as settings_module
+from . import redact
+from . import settings as settings_module
 from .errors import OpsError, UsageError, from_connection_failure
 from .steps import Plan, Reporter, Step, apply_steps, plan_steps, run_steps
 from .target import Target, target_for

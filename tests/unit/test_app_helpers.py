@@ -56,7 +56,9 @@ def test_compose_uses_every_file_and_tags_the_release(defaults):
     assert app.compose("up -d", SHA) == (
         f"cd /opt/coachntt && APP_VERSION={SHA} docker compose --ansi never -f docker-compose.prod.yml -f docker-compose.sandbox.yml up -d"
     )
-    assert app.compose("ps") == "cd /opt/coachntt && docker compose --ansi never -f docker-compose.prod.yml -f docker-compose.sandbox.yml ps"
+    assert app.compose("ps") == (
+        "cd /opt/coachntt && docker compose --ansi never -f docker-compose.prod.yml -f docker-compose.sandbox.yml ps"
+    )
 
 
 def test_fetch_resolves_the_sha_as_the_app_owner(app, fake_host):

@@ -169,14 +169,18 @@ def test_any_other_name_gets_no_answer_from_the_default_server(settings):
 
 def test_unchanged_site_is_ok(settings):
     content = rendered(settings, ok("api.coachntt.ai"))
-    plan = site_step(settings).plan({"content": ok(content.rstrip("\n")), "meta": ok("644 root:root"), "certificates": ok("api.coachntt.ai")})
+    plan = site_step(settings).plan(
+        {"content": ok(content.rstrip("\n")), "meta": ok("644 root:root"), "certificates": ok("api.coachntt.ai")}
+    )
     assert plan.changes == ()
     assert plan.reason == f"{SITE_FILE} up to date"
 
 
 def test_a_new_certificate_updates_an_unchanged_site_to_tls(settings):
     content = rendered(settings)
-    plan = site_step(settings).plan({"content": ok(content.rstrip("\n")), "meta": ok("644 root:root"), "certificates": ok("api.coachntt.ai")})
+    plan = site_step(settings).plan(
+        {"content": ok(content.rstrip("\n")), "meta": ok("644 root:root"), "certificates": ok("api.coachntt.ai")}
+    )
     (change,) = plan.changes
     assert change.summary.startswith(f"update {SITE_FILE} ")
     assert "+    listen 443 ssl;" in change.diff

@@ -8,8 +8,10 @@ import shlex
 import pytest
 from invoke.exceptions import Exit
 
-from fabfile import deploy as deploy_module, rollback as rollback_module
-from fabfile.core import task as task_module, templates
+from fabfile import deploy as deploy_module
+from fabfile import rollback as rollback_module
+from fabfile.core import task as task_module
+from fabfile.core import templates
 from fabfile.core.app import App
 from fabfile.core.batch import ProbeResult
 from fabfile.core.errors import UsageError

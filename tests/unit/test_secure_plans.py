@@ -13,7 +13,8 @@ import pytest
 from invoke.exceptions import Exit
 
 from fabfile import secure
-from fabfile.core import task as task_module, templates
+from fabfile.core import task as task_module
+from fabfile.core import templates
 from fabfile.core.batch import ProbeResult
 from fabfile.secure import (
     SSHD_DROP_IN,
@@ -126,7 +127,7 @@ def rendered_drop_in(facts) -> str:
 
 
 def setting(config: str, keyword: str) -> str:
-    (line,) = [l for l in config.splitlines() if l.startswith(keyword + " ")]
+    (line,) = [each for each in config.splitlines() if each.startswith(keyword + " ")]
     return line.split(" ", 1)[1]
 
 
@@ -173,12 +174,12 @@ def test_weak_algorithms_the_host_offers_are_never_listed():
 
 def test_only_host_keys_that_exist_are_named():
     config = rendered_drop_in(sshd_facts(host_keys="/etc/ssh/ssh_host_ecdsa_key\n/etc/ssh/ssh_host_ed25519_key"))
-    assert [l for l in config.splitlines() if l.startswith("HostKey ")] == ["HostKey /etc/ssh/ssh_host_ed25519_key"]
+    assert [line for line in config.splitlines() if line.startswith("HostKey ")] == ["HostKey /etc/ssh/ssh_host_ed25519_key"]
 
 
 def test_both_preferred_host_keys_are_named_when_present():
     config = rendered_drop_in(sshd_facts())
-    assert [l for l in config.splitlines() if l.startswith("HostKey ")] == [
+    assert [line for line in config.splitlines() if line.startswith("HostKey ")] == [
         "HostKey /etc/ssh/ssh_host_ed25519_key",
         "HostKey /etc/ssh/ssh_host_rsa_key",
     ]

@@ -28,7 +28,9 @@ def rollback(sha, previous, result="ok"):
 
 def test_release_json_leaves_out_empty_fields_and_parses_back():
     release = deploy(A, backup="/backups/db_20250101.sql.gz", extra={"migrations": 3})
-    assert json.loads(release.to_json()) == {"sha": A, "kind": "deploy", "result": "ok", "backup": "/backups/db_20250101.sql.gz", "extra": {"migrations": 3}}
+    assert json.loads(release.to_json()) == {
+        "sha": A, "kind": "deploy", "result": "ok", "backup": "/backups/db_20250101.sql.gz", "extra": {"migrations": 3},
+    }
     assert parse_log(release.to_json()) == [release]
 
 

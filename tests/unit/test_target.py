@@ -230,7 +230,8 @@ def test_command_too_long_for_one_shell_argument_still_runs_via_a_script_file():
 
 
 def test_second_login_opens_a_new_connection_as_the_user_with_the_same_keys(no_connect, settings):
-    first = RemoteTarget(fabric.Connection("root@203.0.113.7", port=2222, connect_kwargs={"key_filename": ["/k"], "sock": object()}), settings)
+    connection = fabric.Connection("root@203.0.113.7", port=2222, connect_kwargs={"key_filename": ["/k"], "sock": object()})
+    first = RemoteTarget(connection, settings)
     second = target.second_login(first, settings, "coachntt")
     assert second.connection is not first.connection
     assert (second.connection.user, second.connection.host, second.connection.port) == ("coachntt", "203.0.113.7", 2222)

@@ -12,7 +12,8 @@ import invoke
 import pytest
 from invoke.exceptions import Exit
 
-from fabfile.core import redact, task as task_module
+from fabfile.core import redact
+from fabfile.core import task as task_module
 from fabfile.core.errors import ConfigError, ConnectError, LockHeldError, OpsError, UsageError
 from fabfile.core.settings import PROJECT_DIR
 from fabfile.core.task import COMMON_HELP, not_implemented, ops_task
