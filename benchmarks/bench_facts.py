@@ -186,7 +186,7 @@ def build_report(args, probes, contenders, delayed: Pass, doubled: Pass | None, 
     for row in rows:
         row["ratio"] = round(row["seconds"] / reference, 2) if reference else None
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "rtt_ms": args.rtt,
         "relay_measured": {"at_rtt": delayed.relay, "at_double_rtt": doubled.relay if doubled else None},

@@ -29,19 +29,29 @@ secrets, state and backup directories). `deploy.history` shows the release log,
 from __future__ import annotations
 
 import shlex
+
 from invoke import Collection
 
 from .core import lock, state, templates
 from .core.app import (
-    App, fetch_sha, gate_and_record, health_gate, phase, preflight_error, release_facts, release_lock,
-    report_failed_gate, settle, switch_to, validate_sha,
+    App,
+    fetch_sha,
+    gate_and_record,
+    health_gate,
+    phase,
+    preflight_error,
+    release_facts,
+    release_lock,
+    report_failed_gate,
+    settle,
+    switch_to,
+    validate_sha,
 )
 from .core.batch import gather
 from .core.errors import LockHeldError, OpsError, UsageError
 from .core.steps import Change, Facts, Plan, Step
 from .core.target import Target, command_failed
 from .core.task import ops_task
-
 
 # -- setup ------------------------------------------------------------------------
 
@@ -53,7 +63,9 @@ def directories_step(app: App) -> Step:
         changes = []
         for index, (path, mode) in enumerate(wanted.items()):
             if facts[f"d{index}"].stdout.strip() != f"{mode} {app.owner}":
-                changes.append(Change(f"directory {path} (mode {mode}, {app.owner})", f"install -d -m {mode} -o {app.owner} -g {app.owner} {shlex.quote(path)}"))
+                owner = shlex.quote(app.owner)
+                changes.append(Change(f"directory {path} (mode {mode}, {app.owner})",
+                                      f"install -d -m {mode} -o {owner} -g {owner} {shlex.quote(path)}"))
         return Plan.change(*changes) if changes else Plan.ok("state and backup directories ready")
 
     return Step(
@@ -64,6 +76,8 @@ def directories_step(app: App) -> Step:
 
 
 def checkout_step(app: App) -> Step:
+    owner = shlex.quote(app.owner)
+
     def plan(facts: Facts) -> Plan:
         if not facts["owner"].ok:
             return Plan.skipped(f"user {app.owner} missing: run `secure` first")
@@ -73,11 +87,11 @@ def checkout_step(app: App) -> Step:
             raise UsageError("missing config value 'app.repo'", "set COACHNTT_APP__REPO=<git url> in the env file")
         return Plan.change(Change(
             f"clone {app.repo} into {app.dir}",
-            f"install -d -o {app.owner} -g {app.owner} {shlex.quote(app.dir)} && "
-            f"sudo -n -u {app.owner} git clone --quiet {shlex.quote(app.repo)} {shlex.quote(app.dir)}",
+            f"install -d -o {owner} -g {owner} {shlex.quote(app.dir)} && "
+            f"sudo -n -u {owner} git clone --quiet -- {shlex.quote(app.repo)} {shlex.quote(app.dir)}",
         ))
 
-    return Step("app checkout", probes={"owner": f"id -u {app.owner}", "git": f"test -d {shlex.quote(app.dir)}/.git"}, plan=plan)
+    return Step("app checkout", probes={"owner": f"id -u {owner}", "git": f"test -d {shlex.quote(app.dir + '/.git')}"}, plan=plan)
 
 
 def env_file_step(app: App) -> Step:
@@ -89,7 +103,7 @@ def env_file_step(app: App) -> Step:
         return Plan.change(Change(
             f"create {env_path} from .env.example with generated secrets (mode 600)",
             f"sh -c {shlex.quote(templates.script('make-env.sh'))} make-env "
-            f"{shlex.quote(app.dir + '/.env.example')} {shlex.quote(env_path)} {app.owner}:{app.owner}",
+            f"{shlex.quote(app.dir + '/.env.example')} {shlex.quote(env_path)} {shlex.quote(f'{app.owner}:{app.owner}')}",
         ))
 
     return Step("env file + secrets", probes={"env": f"test -e {shlex.quote(env_path)}"}, plan=plan)
@@ -121,7 +135,7 @@ def backup_before_migrate(target: Target, app: App, sha: str, *, first_release: 
     result = target.run(
         f"bash -c {shlex.quote(templates.script('backup-db.sh'))} backup-db "
         f"{shlex.quote(app.db_container)} {shlex.quote(app.db_user)} {shlex.quote(app.db_name)} "
-        f"{shlex.quote(app.backup_dir)} pre-{sha[:12]}",
+        f"{shlex.quote(app.backup_dir)} {shlex.quote('pre-' + sha[:12])}",
         user=app.owner, check=False, timeout=1800,
     )
     if result.exit_status == 3 and first_release:
@@ -156,6 +170,9 @@ def run_hook(ops, target: Target, app: App, name: str, release: state.Release) -
 def deploy(ops, sha="", message="", break_lock=False, lock_wait=0):
     """Deploy one exact sha: lock, preflight, fetch, backup, migrate, start, health gate, log."""
     sha = validate_sha(sha)
+    if not message.isprintable():
+        # The release log keeps one entry per line; its reader skips control characters.
+        raise UsageError("--message must be one line of text", "leave out newlines and control characters")
     app = App.from_settings(ops.settings)
     if ops.dry:
         host = release_facts(ops.target, app)
@@ -206,7 +223,7 @@ def ship(ops, app: App, held: lock.HeldLock, release: state.Release, good: list[
         with phase(ops, held, "backup database"):
             release.backup = backup_before_migrate(held, app, sha, first_release=first_release)
         with phase(ops, held, "checkout + build"):
-            held.run(app.in_dir(f"git checkout --quiet --detach {sha}"), user=app.owner, timeout=300)
+            held.run(app.in_dir(f"git checkout --quiet --force --detach {shlex.quote(sha)}"), user=app.owner, timeout=300)
             held.run(app.compose("build --quiet api", sha), user=app.owner, timeout=1800)
         with phase(ops, held, "database up"):
             held.run(app.compose("up -d --wait postgres", sha), user=app.owner, timeout=300)
@@ -300,6 +317,8 @@ def history(ops):
                           f"schema {r.schema or '-':<4} {r.who}{where}{extra}")
     if not log:
         ops.reporter.info("  no releases yet")
+    if log.skipped:
+        ops.reporter.info(f"  warning: skipped {log.skipped} unreadable line(s) of {state.log_path(app.state_dir)}")
 
 
 @ops_task

@@ -20,7 +20,14 @@ from invoke import Collection
 
 from .core import lock, state, templates
 from .core.app import (
-    App, gate_and_record, phase, preflight_error, release_facts, release_lock, switch_to, validate_sha,
+    App,
+    gate_and_record,
+    phase,
+    preflight_error,
+    release_facts,
+    release_lock,
+    switch_to,
+    validate_sha,
 )
 from .core.errors import OpsError, UsageError
 from .core.target import Target, command_failed
@@ -131,7 +138,8 @@ def plan_rollback(ops, log: list[state.Release], to: str, with_db: bool, *, yes:
                           f"old code may not run on it. Matching backup: {backup or 'none recorded'} (use --with-db)")
     if with_db:
         if not backup:
-            raise UsageError(f"no backup recorded before {current.sha[:12]}", "roll back without --with-db, or restore one with backup.restore")
+            raise UsageError(f"no backup recorded before {current.sha[:12]}",
+                             "roll back without --with-db, or restore one with backup.restore")
         if not yes:
             raise UsageError(f"--with-db replaces the database with {backup}", "rerun with --yes to confirm")
     return current, target_sha, backup

@@ -77,19 +77,20 @@ def deploy_user_step(user: str, groups: list[str]) -> Step:
             # Docker may come later (deps); the group must exist for usermod now.
             changes.append(Change("create group docker", "groupadd --system docker"))
         if not facts["groups"].ok:
-            changes.append(Change(f"create user {user}", f"useradd --create-home --shell /bin/bash {user}"))
+            changes.append(Change(f"create user {user}", f"useradd --create-home --shell /bin/bash {shlex.quote(user)}"))
             missing = groups
         else:
             missing = [g for g in groups if g not in facts["groups"].stdout.split()]
         if missing:
-            changes.append(Change(f"add {user} to {', '.join(missing)}", f"usermod -aG {','.join(missing)} {user}"))
+            changes.append(Change(f"add {user} to {', '.join(missing)}",
+                                  f"usermod -aG {shlex.quote(','.join(missing))} {shlex.quote(user)}"))
         if not changes:
             return Plan.ok(f"{user} in {', '.join(groups)}")
         return Plan.change(*changes)
 
     return Step(
         "deploy user",
-        probes={"groups": f"id -nG {user}", "docker_group": "getent group docker"},
+        probes={"groups": f"id -nG {shlex.quote(user)}", "docker_group": "getent group docker"},
         plan=plan,
     )
 
@@ -102,7 +103,7 @@ def authorized_keys_step(user: str, keys: list[str]) -> Step:
         "\n".join(keys) + "\n",
         mode="0600",
         owner=f"{user}:{user}",
-        then=f"chown {user}:{user} /home/{user}/.ssh && chmod 700 /home/{user}/.ssh",
+        then=f"chown {shlex.quote(f'{user}:{user}')} {shlex.quote(f'/home/{user}/.ssh')} && chmod 700 {shlex.quote(f'/home/{user}/.ssh')}",
     )
 
 
@@ -113,7 +114,7 @@ def sudoers_step(user: str) -> Step:
         path,
         templates.render("sudoers/90-coachntt.j2", user=user),
         mode="0440",
-        validate=f"visudo -cq -f {path}",
+        validate=f"visudo -cq -f {shlex.quote(path)}",
     )
 
 
@@ -121,7 +122,8 @@ def sshd_step() -> Step:
     # `sshd -t` validates; `sshd -T` shows the effective values, proving our
     # drop-in really wins over cloud-init's and the main file. sshd -t needs
     # its privilege separation directory, which systemd removes when sshd stops.
-    validate = "{ install -d -m 0755 /run/sshd && sshd -t && sshd -T | grep -qx 'permitrootlogin no' && sshd -T | grep -qx 'passwordauthentication no'; }"
+    validate = ("{ install -d -m 0755 /run/sshd && sshd -t && sshd -T | grep -qx 'permitrootlogin no' "
+                "&& sshd -T | grep -qx 'passwordauthentication no'; }")
 
     def plan(facts: Facts) -> Plan:
         content = templates.render(
@@ -173,7 +175,7 @@ def firewall_step(allow: list[str]) -> Step:
     def plan(facts: Facts) -> Plan:
         status = facts["status"].stdout
         rules = [line.split()[0] for line in facts["status"].lines if " ALLOW " in f" {line} "]
-        changes = [Change(f"allow {rule}", f"ufw allow {rule}") for rule in allow if rule not in rules]
+        changes = [Change(f"allow {rule}", f"ufw allow {shlex.quote(rule)}") for rule in allow if rule not in rules]
         if "deny (incoming)" not in status:
             changes.append(Change("deny incoming by default", "ufw default deny incoming"))
         if "allow (outgoing)" not in status:
@@ -221,7 +223,7 @@ def unattended_upgrades_steps() -> list[Step]:
 def prove_deploy_login(ops, user: str) -> None:
     """Before sshd stops accepting root/passwords, the deploy user must get in and sudo."""
     if isinstance(ops.target, LocalTarget):
-        ops.target.run(f"sudo -n -u {user} sudo -n true", sudo=True)
+        ops.target.run(f"sudo -n -u {shlex.quote(user)} sudo -n true", sudo=True)
         ops.reporter.info(f"  note: running on the host itself; log in as {user} from a second terminal before closing this one")
         return
     try:
@@ -240,7 +242,9 @@ def prove_deploy_login(ops, user: str) -> None:
 # -- tasks ----------------------------------------------------------------------
 
 
-@ops_task(default=True, help={"keys": "public key line(s) for the deploy user, comma separated (default: settings, else the key this run used)"})
+@ops_task(default=True, help={
+    "keys": "public key line(s) for the deploy user, comma separated (default: settings, else the key this run used)",
+})
 def secure(ops, keys=""):
     """Harden a fresh host: deploy user, sshd, ufw, fail2ban, unattended-upgrades."""
     settings = ops.settings
@@ -311,13 +315,15 @@ def audit_findings(facts: Facts, allowed_ports: set[str]) -> list[tuple[str, boo
     return [
         ("root login refused", sshd.get("permitrootlogin") == "no", f"PermitRootLogin {sshd.get('permitrootlogin', '?')}"),
         ("password login refused", sshd.get("passwordauthentication") == "no" and sshd.get("kbdinteractiveauthentication") == "no",
-         f"PasswordAuthentication {sshd.get('passwordauthentication', '?')}, KbdInteractiveAuthentication {sshd.get('kbdinteractiveauthentication', '?')}"),
+         f"PasswordAuthentication {sshd.get('passwordauthentication', '?')}, "
+         f"KbdInteractiveAuthentication {sshd.get('kbdinteractiveauthentication', '?')}"),
         ("firewall active, default deny", walled,
          ufw.splitlines()[0] if ufw else "ufw not installed"),
         ("fail2ban sshd jail", facts["fail2ban"].ok, "jail sshd running" if facts["fail2ban"].ok else "no sshd jail"),
         ("unattended-upgrades", 'Unattended-Upgrade "1"' in auto and facts["unattended_service"].stdout.strip() == "enabled",
          "enabled" if 'Unattended-Upgrade "1"' in auto else "not enabled"),
-        ("no unexpected open ports", not exposed, "exposed: " + ", ".join(exposed) if exposed else "only " + " ".join(sorted(allowed_ports)) + " reachable"),
+        ("no unexpected open ports", not exposed,
+         "exposed: " + ", ".join(exposed) if exposed else "only " + " ".join(sorted(allowed_ports)) + " reachable"),
     ]
 
 

@@ -18,17 +18,18 @@ from __future__ import annotations
 import re
 import shlex
 import signal
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Iterator
 
-from . import lock, state, templates
+from . import lock, redact, state, templates
 from .batch import ProbeResult, gather
 from .errors import ConfigError, Interrupted, LeftRunning, OpsError, Stop, UsageError
 from .settings import Settings
-from .target import Target
+from .target import Target, command_failed
 
 _SHA = re.compile(r"^[0-9a-f]{7,40}$")
+_FULL_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # SHA-1 or SHA-256 repositories
 
 
 def validate_sha(sha: str, flag: str = "--sha") -> str:
@@ -57,7 +58,7 @@ class App:
     disk_free_percent_min: int
 
     @classmethod
-    def from_settings(cls, s: Settings) -> "App":
+    def from_settings(cls, s: Settings) -> App:
         overrides = s.get("app.compose_overrides") or []
         return cls(
             dir=s.require("app.dir"),
@@ -88,25 +89,47 @@ class App:
         return self.in_dir(f"{version}docker compose --ansi never {files} {args}")
 
 
+# fetch_sha's own exit codes: the fetch failed, or it worked and the commit is not there.
+FETCH_FAILED, NOT_FOUND = 90, 91
+
+
 def fetch_sha(target: Target, app: App, sha: str) -> str:
-    """Fetch from origin and resolve `sha` (default: the branch tip) to a full commit id."""
+    """Fetch from origin and resolve `sha` (default: the branch tip) to a full commit id.
+
+    One round trip; a fetch that fails (network, deploy key) is exit 1, a commit
+    missing after a good fetch is bad input (exit 2).
+    """
     wanted = sha or f"origin/{app.branch}"
     result = target.run(
-        app.in_dir(f"git fetch --quiet origin && git rev-parse --verify --quiet {shlex.quote(wanted + '^{commit}')}"),
+        app.in_dir(
+            f"{{ if ! git fetch --quiet origin; then git remote get-url origin; exit {FETCH_FAILED}; fi; "
+            f"git rev-parse --verify --quiet {shlex.quote(wanted + '^{commit}')} || exit {NOT_FOUND}; }}"
+        ),
         check=False,
         user=app.owner,
     )
+    # On a failed fetch the command prints origin's URL: name what we could not reach.
+    fetched_from = result.stdout.strip() if result.exit_status == FETCH_FAILED else ""
+    repo = redact.url(fetched_from or app.repo) or "origin"
+    if result.exit_status == FETCH_FAILED:
+        why = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "git fetch failed"
+        raise OpsError(f"cannot fetch from {repo}: {why}", "check the network / deploy key")
+    if result.exit_status == NOT_FOUND and sha:
+        raise UsageError(f"unknown sha '{sha}': not found in {repo}", f"push it first, or pick one from `git log origin/{app.branch}`")
+    if result.exit_status == NOT_FOUND:
+        raise ConfigError(f"branch '{app.branch}' not found in {repo}", "check app.branch, or push the branch first")
     if not result.ok:
-        if sha:
-            raise UsageError(f"unknown sha '{sha}': not found in {app.repo or 'origin'}", "push it first, or pick one from `git log origin/" + app.branch + "`")
-        raise OpsError(f"cannot fetch origin/{app.branch} in {app.dir}", result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "check the repository URL and network")
-    return result.stdout.strip()
+        raise command_failed(result, target.label, what=f"fetching in {app.dir}")
+    full_sha = result.stdout.strip()
+    if not _FULL_SHA.fullmatch(full_sha):
+        raise OpsError(f"git answered {full_sha[:80]!r} for {wanted} in {app.dir}", "check the checkout by hand")
+    return full_sha
 
 
 def switch_to(target: Target, app: App, sha: str, *, recreate: bool = False) -> None:
     """Check out `sha` and bring the whole stack up on it."""
     flags = "--force-recreate " if recreate else ""
-    target.run(app.in_dir(f"git checkout --quiet --detach {shlex.quote(sha)}"), user=app.owner)
+    target.run(app.in_dir(f"git checkout --quiet --force --detach {shlex.quote(sha)}"), user=app.owner, timeout=300)
     target.run(app.compose(f"up -d --remove-orphans {flags}", sha), user=app.owner, timeout=600)
 
 
@@ -122,7 +145,7 @@ def health_gate(target: Target, app: App, *, deadline: int | None = None) -> Gat
     script = shlex.quote(templates.script("health-gate.sh"))
     url, limit = shlex.quote(app.health_url), deadline if deadline is not None else app.health_deadline
     result = target.run(
-        f"sh -c {script} health-gate {url} {limit} {app.health_interval}"
+        f"sh -c {script} health-gate {url} {shlex.quote(str(limit))} {shlex.quote(str(app.health_interval))}"
         f" || {{ status=$?; echo '--- api logs ---'; {app.compose('logs --no-color --tail 20 api')} 2>&1; exit $status; }}",
         check=False,
         user=app.owner,
@@ -136,7 +159,7 @@ def health_gate(target: Target, app: App, *, deadline: int | None = None) -> Gat
 class HostState:
     """What a release needs to know before it changes anything (one round trip)."""
 
-    log: list[state.Release]
+    log: state.ReleaseLog
     head: str
     facts: dict[str, ProbeResult]
 

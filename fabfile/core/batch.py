@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass
-from typing import Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 from .target import Target, command_failed
 
@@ -74,6 +74,8 @@ def gather(target: Target, probes: Mapping[str, str], *, sudo: bool = True) -> d
     found = parse_batch(result.stdout, marker)
     missing = [name for name in probes if name not in found]
     if missing:
-        # The script itself died (sudo refused, shell missing): say so plainly.
-        raise command_failed(result, target.label)
+        # The script itself died (sudo refused, shell missing): say so plainly,
+        # never with the script's text or its frames, which mean nothing to the operator.
+        raise command_failed(replace(result, stdout=""), target.label,
+                             summary=f"reading facts on {target.label} failed (exit {result.exit_status})")
     return found

@@ -18,9 +18,9 @@ from __future__ import annotations
 import secrets
 import shlex
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Iterator
 
 from . import state, templates
 from .errors import ConnectionLost, LockHeldError, OpsError, RemoteCommandError
@@ -61,7 +61,7 @@ class LockInfo:
     release: state.Release | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "LockInfo":
+    def parse(cls, text: str) -> LockInfo:
         fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
         inflight = state.parse_log(fields.get("release", ""))
         return cls(

@@ -25,6 +25,18 @@ def forget_all() -> None:
     _secrets.clear()
 
 
+def url(address: str) -> str:
+    """A URL without the password or token in its user part (https://user:TOKEN@host/...)."""
+    scheme, sep, rest = address.partition("://")
+    userinfo, at, host = rest.partition("@")
+    if not (sep and at) or "/" in userinfo:
+        return address
+    if ":" in userinfo:
+        return f"{scheme}://{userinfo.split(':', 1)[0]}:{MASK}@{host}"
+    # https://TOKEN@host is a token; ssh://git@host is only a user name.
+    return f"{scheme}://{MASK}@{host}" if scheme.lower() in ("http", "https") else address
+
+
 def redact(text: str) -> str:
     # Longest first, so a secret containing another is masked whole.
     for value in sorted(_secrets, key=len, reverse=True):

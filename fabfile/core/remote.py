@@ -11,7 +11,7 @@ import base64
 import difflib
 import re
 import shlex
-from typing import Iterable
+from collections.abc import Iterable
 
 from .steps import Change, Facts, Plan, Step
 
@@ -37,7 +37,7 @@ def write_file_command(path: str, content: str, mode: str, owner: str, validate:
         f"mkdir -p \"$(dirname {q(path)})\"",
         f"tmp=$(mktemp {q(path)}.coachntt.XXXXXX)",
         f"printf %s {payload} | base64 -d > \"$tmp\"",
-        f"chmod {mode} \"$tmp\" && chown {owner} \"$tmp\"",
+        f"chmod {q(mode)} \"$tmp\" && chown {q(owner)} \"$tmp\"",
         f"had_old=no; if [ -e {q(path)} ]; then cp -p {q(path)} {q(backup)}; had_old=yes; fi",
         f"mv -f \"$tmp\" {q(path)}",
     ]
@@ -73,12 +73,14 @@ def file_step(
         current, meta = facts["content"], facts["meta"]
         want_meta = f"{int(mode, 8):o} {owner}"
         size = f"{len(content.encode())} bytes, mode {mode}, {owner}"
+        write = write_file_command(path, content, mode, owner, validate, then)
         if not current.ok:
-            return Plan.change(Change(f"create {path} ({size})", write_file_command(path, content, mode, owner, validate, then), "" if secret else _diff(path, "", content)))
+            return Plan.change(Change(f"create {path} ({size})", write, "" if secret else _diff(path, "", content)))
         if current.stdout != content.rstrip("\n"):
-            return Plan.change(Change(f"update {path} ({size})", write_file_command(path, content, mode, owner, validate, then), "" if secret else _diff(path, current.stdout + "\n", content)))
+            return Plan.change(Change(f"update {path} ({size})", write, "" if secret else _diff(path, current.stdout + "\n", content)))
         if meta.stdout.strip() != want_meta:
-            return Plan.change(Change(f"set {path} to mode {mode}, owner {owner} (was {meta.stdout.strip()})", f"chmod {mode} {q(path)} && chown {owner} {q(path)}"))
+            return Plan.change(Change(f"set {path} to mode {mode}, owner {owner} (was {meta.stdout.strip()})",
+                                      f"chmod {q(mode)} {q(path)} && chown {q(owner)} {q(path)}"))
         return Plan.ok(f"{path} up to date")
 
     return Step(name, probes=file_probes(path), plan=plan)
@@ -94,14 +96,14 @@ def line_step(name: str, path: str, line: str, *, replaces: str = "", mode: str 
 
     def plan(facts: Facts) -> Plan:
         lines = facts["lines"].lines if facts["lines"].ok else []
-        conflicting = [l for l in lines if l != line and replaces and re.search(replaces, l)]
+        conflicting = [other for other in lines if other != line and replaces and re.search(replaces, other)]
         if line in lines and not conflicting:
             return Plan.ok(f"line present in {path}")
         if replaces:
             command = (
                 f"touch {q(path)} && tmp=$(mktemp) && "
                 f"{{ grep -vE -- {q(replaces)} {q(path)} || true; }} > \"$tmp\" && "
-                f"printf '%s\\n' {q(line)} >> \"$tmp\" && chmod {mode} \"$tmp\" && mv -f \"$tmp\" {q(path)}"
+                f"printf '%s\\n' {q(line)} >> \"$tmp\" && chmod {q(mode)} \"$tmp\" && mv -f \"$tmp\" {q(path)}"
             )
         else:
             # A last line without its newline would otherwise get ours glued on.

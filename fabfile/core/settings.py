@@ -11,6 +11,10 @@ production). Keys spelled COACHNTT_<SECTION>__<KEY> override settings; every
 other key in the env file is a secret (JWT_SECRET=...), as are the well-known
 secret names in the process environment. Secrets are never read from
 invoke.yaml and are registered for redaction as soon as they load.
+
+`validate` checks every setting against its rule (RULES) before any task
+connects: values end up in shell commands and config files on the server, so a
+value that is not what its setting means is refused with exit 2.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from __future__ import annotations
 import copy
 import os
 import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from dotenv import dotenv_values
 
@@ -48,6 +53,9 @@ class Settings:
     env: str
     values: Mapping[str, Any]
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # Where each overridden value came from (dotted key -> "the environment",
+    # ".env.production", "the command line"), so an error can say what to fix.
+    sources: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def get(self, dotted: str, default: Any = None) -> Any:
         node: Any = self.values
@@ -66,13 +74,15 @@ class Settings:
             )
         return value
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> "Settings":
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
         """The command-line layer: flags given to a task, as dotted keys."""
         values = copy.deepcopy(dict(self.values))
+        sources = dict(self.sources)
         for dotted, value in overrides.items():
             if value is not None:
                 _set_dotted(values, dotted, value)
-        return Settings(self.env, values, self.secrets)
+                sources[dotted] = "the command line"
+        return Settings(self.env, values, self.secrets, sources)
 
 
 def env_key(dotted: str) -> str:
@@ -105,7 +115,8 @@ def load(
     file_values = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if env_file.is_file() else {}
 
     secrets: dict[str, str] = {}
-    for layer in (file_values, environ):
+    sources: dict[str, str] = {}
+    for layer, source in ((file_values, env_file.name), (environ, "the environment")):
         for key, raw in layer.items():
             if key.startswith(PREFIX) and key not in CONTROL_VARIABLES:
                 dotted = key[len(PREFIX):].lower().replace("__", ".")
@@ -113,22 +124,23 @@ def load(
                     _set_dotted(values, dotted, _coerce(key, raw, _get_dotted(values, dotted)))
                 except TypeError:
                     raise ConfigError(f"{key} nests below a setting that is a single value", "check the spelling of the key") from None
+                sources[dotted] = source
             elif layer is file_values or key in KNOWN_SECRETS:
                 if not key.startswith(PREFIX):
                     secrets[key] = raw
     redact.register(*secrets.values())
-    return Settings(env, values, secrets)
+    return Settings(env, values, secrets, sources)
 
 
 def from_context(c: Any, environ: Mapping[str, str] | None = None) -> Settings:
-    """Settings for a task: invoke's config under both `inv` and `fab`."""
+    """Settings for a task: invoke's config under both `inv` and `fab`, validated."""
     defaults = c.config.get("coachntt")
     if defaults is None:
         raise ConfigError(
             "no 'coachntt' section in the configuration",
             f"run from the project directory ({PROJECT_DIR}) so invoke.yaml is found",
         )
-    return load(defaults, environ)
+    return validate(load(defaults, environ))
 
 
 def _refuse_secrets_in_defaults(defaults: Mapping[str, Any], path: str = "") -> None:
@@ -183,3 +195,169 @@ def _coerce(key: str, raw: str, current: Any) -> Any:
     if isinstance(current, list):
         return [item.strip() for item in raw.split(",") if item.strip()]
     return raw
+
+
+# -- validation ----------------------------------------------------------------
+# One rule per setting. Values reach shell commands, sudoers, nginx and
+# fail2ban files on the server: each must look like what it names, and the
+# patterns leave no room for shell syntax. Absent settings are not checked
+# here; `require` reports them where a task needs them.
+
+
+@dataclass(frozen=True)
+class Rule:
+    expected: str  # completes "<key> must be ..."
+    check: Callable[[Any], bool]
+    each: bool = False  # a list: the rule holds for every item
+
+
+def _matches(pattern: str) -> Callable[[Any], bool]:
+    compiled = re.compile(pattern)
+    return lambda value: isinstance(value, str) and compiled.fullmatch(value) is not None
+
+
+def _whole_number(low: int, high: int) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        if isinstance(value, str) and value.isdigit():  # settings with no default stay strings
+            value = int(value)
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    return check
+
+
+def _absolute_dir(value: Any) -> bool:
+    return _SAFE_ABSOLUTE(value) and value.rstrip("/") != "" and ".." not in value.split("/")
+
+
+def _path_inside_app_dir(value: Any) -> bool:
+    return _SAFE_RELATIVE(value) and ".." not in value.split("/")
+
+
+def _compose_file(value: Any) -> bool:
+    return (_SAFE_ABSOLUTE(value) or _SAFE_RELATIVE(value)) and ".." not in value.split("/")
+
+
+def _host_port(value: Any) -> bool:
+    found = isinstance(value, str) and _HOST_PORT.fullmatch(value)
+    return bool(found) and 0 < int(found.group(1)) < 65536
+
+
+def _ssh_host(value: Any) -> bool:
+    found = isinstance(value, str) and _SSH_HOST.fullmatch(value)
+    return bool(found) and (found.group(1) is None or 0 < int(found.group(1)) < 65536)
+
+
+def _plain_text(value: Any) -> bool:
+    """Any text without control characters (it is quoted wherever it is used)."""
+    return isinstance(value, str) and all(ch.isprintable() for ch in value)
+
+
+def _hook(value: Any) -> bool:
+    """Hooks are shell on purpose; they travel quoted as one argument. Only NUL cannot."""
+    return isinstance(value, str) and "\0" not in value
+
+
+_SAFE_ABSOLUTE = _matches(r"/[A-Za-z0-9._/-]*")
+_SAFE_RELATIVE = _matches(r"[A-Za-z0-9._][A-Za-z0-9._/-]*")
+_HOST_PORT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}):(\d{1,5})")
+_SSH_HOST = re.compile(r"(?:[a-z_][a-z0-9_-]{0,31}@)?[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})(?::(\d{1,5}))?")
+USER_NAME = r"[a-z_][a-z0-9_-]{0,31}"
+HOST_NAME = r"(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}"
+# git check-ref-format, narrowed to characters that mean nothing to a shell.
+GIT_BRANCH = r"(?!-)(?!/)(?!.*\.\.)(?!.*//)(?!.*/\.)(?!\.)(?!.*\.lock$)(?!.*[./]$)[A-Za-z0-9._/-]{1,200}"
+# A URL git can fetch, an scp-like ssh address or a local path; never an option.
+GIT_REPO = r"(?:(?:https?|ssh|git|file)://|[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:|/)[^\s'\"`$;|&<>\\(){}*?!#]+"
+HEALTH_URL = r"https?://(?:127\.0\.0\.1|localhost|\[::1\])(?::\d{1,5})?(?:/[A-Za-z0-9._~/%+-]*)?(?:\?[A-Za-z0-9._~%+=&-]*)?"
+PUBLIC_KEY = r"[a-z][a-z0-9@.-]* [A-Za-z0-9+/]+={0,3}(?: [^\x00-\x1f\x7f]*)?"
+
+_USER = Rule("a user name (a-z, 0-9, _ -; at most 32, not starting with a digit or -)", _matches(USER_NAME))
+_PERCENT = Rule("a whole number from 1 to 100", _whole_number(1, 100))
+_KEEP = Rule("a whole number from 0 to 1000", _whole_number(0, 1000))
+_DOMAIN = Rule("a host name", _matches(HOST_NAME))
+_UPSTREAM = Rule("host:port", _host_port)
+_DURATION = Rule("a fail2ban duration like 600, 10m or 1h", _matches(r"-1|\d{1,9}[smhdw]?"))
+
+RULES: dict[str, Rule] = {
+    "host": Rule("user@host[:port]", _ssh_host),
+    "deploy_user": _USER,
+    "deploy_groups": Rule("a list of group names (a-z, 0-9, _ -)", _matches(USER_NAME), each=True),
+    "state_dir": Rule("an absolute path below / (letters, digits, . _ - /)", _absolute_dir),
+    "authorized_keys": Rule("a list of public key lines like 'ssh-ed25519 AAAA... comment'", _matches(PUBLIC_KEY), each=True),
+    "app.dir": Rule("an absolute path below / (letters, digits, . _ - /)", _absolute_dir),
+    "app.repo": Rule("a git URL (https://, ssh://, git://, file://, user@host:path) or an absolute path",
+                     lambda v: v == "" or _matches(GIT_REPO)(v)),
+    "app.branch": Rule("a git branch name (letters, digits, . _ - /)", _matches(GIT_BRANCH)),
+    "app.compose_file": Rule("a file name inside app.dir or an absolute path (letters, digits, . _ - /)", _compose_file),
+    "app.compose_overrides": Rule("a list of file names inside app.dir or absolute paths (letters, digits, . _ - /)",
+                                  _compose_file, each=True),
+    "app.env_file": Rule("a file name inside app.dir (letters, digits, . _ - /)", _path_inside_app_dir),
+    "app.health_url": Rule("an http(s) URL on 127.0.0.1 or localhost, like http://127.0.0.1:8000/health", _matches(HEALTH_URL)),
+    "app.health_deadline": Rule("a whole number of seconds from 1 to 3600", _whole_number(1, 3600)),
+    "app.health_interval": Rule("a whole number of seconds from 1 to 60", _whole_number(1, 60)),
+    "app.hooks.*": Rule("shell text without NUL characters", _hook),
+    "domains.*": _DOMAIN,
+    "upstreams.*": _UPSTREAM,
+    "rate_limit.rate": Rule("a rate like 10r/s or 600r/m", _matches(r"\d{1,6}r/[sm]")),
+    "rate_limit.burst": Rule("a whole number from 0 to 100000", _whole_number(0, 100000)),
+    "firewall.allow": Rule("a list of ufw rules like 22/tcp, 60000:61000/udp or OpenSSH",
+                           _matches(r"\d{1,5}(?::\d{1,5})?(?:/(?:tcp|udp))?|[A-Za-z][A-Za-z0-9_.-]{0,63}"), each=True),
+    "thresholds.disk_free_percent_min": _PERCENT,
+    "thresholds.memory_used_percent_max": _PERCENT,
+    "thresholds.cpu_percent_max": _PERCENT,
+    "backup.dir": Rule("an absolute path below / (letters, digits, . _ - /)", _absolute_dir),
+    "backup.keep_daily": _KEEP,
+    "backup.keep_weekly": _KEEP,
+    "backup.keep_monthly": _KEEP,
+    "backup.db_container": Rule("a container name (letters, digits, _ . -)", _matches(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")),
+    "backup.db_user": Rule("a database user name (letters, digits, _)", _matches(r"[A-Za-z_][A-Za-z0-9_]{0,62}")),
+    "backup.db_name": Rule("a database name (letters, digits, _)", _matches(r"[A-Za-z_][A-Za-z0-9_]{0,62}")),
+    "ssh.connect_timeout": Rule("a whole number of seconds from 1 to 300", _whole_number(1, 300)),
+    "ssh.known_hosts": Rule("a file path", lambda v: _plain_text(v) and v != ""),
+    "fail2ban.bantime": _DURATION,
+    "fail2ban.findtime": _DURATION,
+    "fail2ban.maxretry": Rule("a whole number from 1 to 100", _whole_number(1, 100)),
+}
+
+
+def validate(settings: Settings) -> Settings:
+    """Check every setting that has a rule; the first bad one is a ConfigError (exit 2)."""
+    for dotted, value in _leaves(settings.values):
+        rule = RULES.get(dotted) or RULES.get(dotted.rsplit(".", 1)[0] + ".*")
+        if rule is None:
+            continue  # read by no task
+        if rule.each:
+            if not isinstance(value, list):
+                _refuse(settings, dotted, rule, value)
+            for item in value:
+                if not rule.check(item):
+                    _refuse(settings, dotted, rule, item)
+        elif not rule.check(value):
+            _refuse(settings, dotted, rule, value)
+    return settings
+
+
+def _leaves(values: Mapping[str, Any], path: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in values.items():
+        dotted = f"{path}{key}"
+        if isinstance(value, Mapping):
+            yield from _leaves(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def _refuse(settings: Settings, dotted: str, rule: Rule, value: Any) -> None:
+    source = settings.sources.get(dotted)
+    if source is None:
+        hint = f"fix {dotted} in invoke.yaml, or set {env_key(dotted)}=... in .env.{settings.env}"
+    elif source == "the command line":
+        hint = "fix the flag"
+    else:
+        hint = f"fix {env_key(dotted)} in {source}"
+    raise ConfigError(f"{dotted} must be {rule.expected}, got {shown(value)}", hint)
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A value quoted for a one-line message: control characters escaped, long values cut."""
+    text = value if isinstance(value, str) else repr(value)
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[: limit + 1])
+    return f"'{text[: limit - 3]}...'" if len(text) > limit else f"'{text}'"

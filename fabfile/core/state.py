@@ -12,10 +12,11 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import shlex
 import socket
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from .target import Target
 
@@ -47,7 +48,7 @@ class Release:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def operator() -> str:
@@ -65,16 +66,59 @@ def read_log_command(state_dir: str, lines: int = 500) -> str:
     return f"tail -n {lines} {shlex.quote(log_path(state_dir))} 2>/dev/null || true"
 
 
-def parse_log(text: str) -> list[Release]:
-    releases = []
+class ReleaseLog(list):
+    """The readable releases, oldest first; `skipped` counts lines that were not."""
+
+    skipped = 0
+
+
+# The log lives on a server: a line may be torn, edited by hand or hostile.
+# Only well-formed entries count, and their shas are hex before they can reach
+# a shell (checkout, APP_VERSION, backup labels).
+MAX_LINE = 64 * 1024
+KINDS = ("deploy", "rollback", "verify")
+RESULTS = ("", RESULT_OK, RESULT_FAILED, RESULT_INTERRUPTED)
+_SHA = re.compile(r"[0-9a-f]{7,64}")
+_BACKUP = re.compile(r"/[A-Za-z0-9._/-]+")
+
+
+def parse_log(text: str) -> ReleaseLog:
+    releases = ReleaseLog()
     for line in text.splitlines():
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line must not hide the rest
-        known = {k: v for k, v in data.items() if k in Release.__dataclass_fields__}
-        releases.append(Release(**known))
+        if not line.strip():
+            continue
+        release = _release_from(line)
+        if release is None:
+            releases.skipped += 1
+        else:
+            releases.append(release)
     return releases
+
+
+def _release_from(line: str) -> Release | None:
+    """One log line as a Release, or None when it is not a well-formed entry."""
+    if len(line) > MAX_LINE:
+        return None
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError):
+        return None  # a torn last line must not hide the rest
+    if not isinstance(data, dict):
+        return None
+    # Unknown keys are ignored: a newer version of the tool may add fields.
+    known = {k: v for k, v in data.items() if k in Release.__dataclass_fields__}
+    if not isinstance(known.get("extra", {}), dict):
+        return None
+    texts = {k: v for k, v in known.items() if k != "extra"}
+    if not all(isinstance(v, str) and v.isprintable() for v in texts.values()):
+        return None
+    if not _SHA.fullmatch(known.get("sha", "")) or known.get("kind") not in KINDS or known.get("result", "") not in RESULTS:
+        return None
+    if any(known.get(k) and not _SHA.fullmatch(known[k]) for k in ("previous", "rolled_back_to")):
+        return None
+    if known.get("backup") and not _BACKUP.fullmatch(known["backup"]):
+        return None
+    return Release(**known)
 
 
 def good_releases(log: list[Release]) -> list[str]:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import json as jsonlib
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, TextIO
+from typing import TextIO
 
 from . import redact
 from .batch import ProbeResult, gather
@@ -45,15 +46,15 @@ class Plan:
     skip: bool = False
 
     @classmethod
-    def ok(cls, reason: str = "") -> "Plan":
+    def ok(cls, reason: str = "") -> Plan:
         return cls(reason=reason)
 
     @classmethod
-    def skipped(cls, reason: str) -> "Plan":
+    def skipped(cls, reason: str) -> Plan:
         return cls(reason=reason, skip=True)
 
     @classmethod
-    def change(cls, *changes: Change, reason: str = "") -> "Plan":
+    def change(cls, *changes: Change, reason: str = "") -> Plan:
         return cls(changes=tuple(changes), reason=reason)
 
     @property
@@ -162,7 +163,7 @@ def gather_facts(target: Target, steps: list[Step]) -> list[Facts]:
 
 def plan_steps(target: Target, steps: list[Step]) -> list[tuple[Step, Plan]]:
     """Gather the facts of all steps (one round trip) and plan each one. Pure after the read."""
-    return [(step, step.plan(facts)) for step, facts in zip(steps, gather_facts(target, steps))]
+    return [(step, step.plan(facts)) for step, facts in zip(steps, gather_facts(target, steps), strict=True)]
 
 
 def apply_steps(target: Target, planned: list[tuple[Step, Plan]], reporter: Reporter, *, dry: bool = False) -> None:

@@ -20,9 +20,10 @@ import secrets
 import shlex
 import socket
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import paramiko
 from fabric import Connection
@@ -40,9 +41,11 @@ DEFAULT_TIMEOUT = 1800
 # KEEPALIVE + USER_TIMEOUT seconds instead of hanging while it holds the lock.
 KEEPALIVE_SECONDS = 10
 USER_TIMEOUT_SECONDS = 30
+# Once `secure` has turned root login off, only the provider's console can add sudo.
 SUDO_PASSWORD_HINT = (
-    "the login user needs passwordless sudo: run `secure` as root once "
-    "(it installs a validated sudoers drop-in), or log in as root"
+    "{user} needs passwordless sudo on {host}: add a sudoers drop-in from the provider's console "
+    "(e.g. `echo '{user} ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/90-{user}`), "
+    "or run `secure` as root while root login is still on"
 )
 
 
@@ -119,21 +122,29 @@ def _first_line(command: str) -> str:
     return f"`{first[:77] + '...' if len(first) > 80 else first}`"
 
 
-def command_failed(result: Result, where: str, what: str = "") -> RemoteCommandError:
-    """One line for a failed command: what ran (or `what` it was for), where, how it ended."""
+def command_failed(result: Result, where: str, what: str = "", *, summary: str = "") -> RemoteCommandError:
+    """One line for a failed command: what ran (or `what` it was for), where, how it ended.
+
+    `summary` replaces the whole first part, for commands too internal to name.
+    """
     what = what or _first_line(result.command)
-    stderr = result.stderr.strip()
-    if "a password is required" in stderr or "a terminal is required" in stderr:
-        hint = SUDO_PASSWORD_HINT
-    else:
-        last = (stderr or result.stdout.strip()).splitlines()
-        hint = last[-1] if last else "no output; rerun with the same command by hand to see more"
+    summary = summary or f"{what} failed on {where} (exit {result.exit_status})"
     return RemoteCommandError(
-        redact.redact(f"{what} failed on {where} (exit {result.exit_status})"),
-        redact.redact(hint),
+        redact.redact(summary),
+        redact.redact(failure_hint(result, where)),
         exit_status=result.exit_status,
         output=redact.redact(result.stdout + result.stderr),
     )
+
+
+def failure_hint(result: Result, where: str) -> str:
+    """What to do: passwordless sudo when sudo asked for a password, else the last line it printed."""
+    stderr = result.stderr.strip()
+    if "a password is required" in stderr or "a terminal is required" in stderr:
+        user, _, host = where.rpartition("@")  # labels are user@host[:port]
+        return SUDO_PASSWORD_HINT.format(user=user or "the login user", host=host)
+    last = (stderr or result.stdout.strip()).splitlines()
+    return last[-1] if last else "no output; rerun with the same command by hand to see more"
 
 
 class LocalTarget(Target):
@@ -202,6 +213,17 @@ class RemoteTarget(Target):
 
     def close(self) -> None:
         self.connection.close()
+
+
+def require_key_files(connection: Connection) -> None:
+    """A missing -i KEY would otherwise surface as "cannot reach" or "authentication failed"."""
+    names = connection.connect_kwargs.get("key_filename") or []
+    for name in [names] if isinstance(names, str) else names:
+        path = Path(os.path.expanduser(str(name)))
+        if not path.exists():
+            raise ConfigError(f"key file {name} does not exist", "pass the private key with -i")
+        if not path.is_file():
+            raise ConfigError(f"key file {name} is not a file", "pass the private key with -i")
 
 
 def known_hosts_file(settings: Settings) -> Path:
@@ -273,12 +295,13 @@ def keep_alive(sock: socket.socket) -> None:
 def target_for(c: Any, settings: Settings) -> Target:
     """The Target for this run: the -H host, else the configured host, else local."""
     if isinstance(c, Connection):
+        require_key_files(c)
         return RemoteTarget(c, settings)
-    host = settings.get("host")
+    host = settings.get("host")  # validated with the settings: user@host[:port]
     if host:
-        if not isinstance(host, str) or " " in host:
-            raise ConfigError(f"COACHNTT_HOST must be user@host[:port], got '{host}'", "fix .env." + settings.env)
-        return RemoteTarget(Connection(host, config=c.config), settings)
+        connection = Connection(host, config=c.config)
+        require_key_files(connection)
+        return RemoteTarget(connection, settings)
     return LocalTarget(c)
 
 

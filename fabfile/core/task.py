@@ -16,13 +16,15 @@ import functools
 import inspect
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from fabric import task as fabric_task
 from invoke.exceptions import Exit
 
-from . import redact, settings as settings_module
+from . import redact
+from . import settings as settings_module
 from .errors import EXIT_INTERRUPTED, OpsError, Stop, UsageError, from_connection_failure
 from .steps import Plan, Reporter, Step, apply_steps, plan_steps, run_steps
 from .target import Target, target_for

@@ -90,7 +90,7 @@ class GitDaemon:
     def url(self, repo: str) -> str:
         return f"git://{self.listen}:{self.port}/{repo}"
 
-    def __enter__(self) -> "GitDaemon":
+    def __enter__(self) -> GitDaemon:
         self.process = subprocess.Popen(
             ["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={self.base_path}",
              f"--listen={self.listen}", f"--port={self.port}", str(self.base_path)],

@@ -260,7 +260,7 @@ def write_docker_archive(family: ImageFamily, layer_tar: Path, output: Path) -> 
     """
     diff_id = _sha256_file(layer_tar)
     now = time.time()
-    created = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    created = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     built_by = f"mmdebstrap --variant=essential {SUITE} + {' '.join(family.packages)} (coachntt sandbox images)"
     configs = image_configs(family, diff_id, created, built_by)
     ids = {tag: hashlib.sha256(data).hexdigest() for tag, data in configs.items()}

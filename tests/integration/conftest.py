@@ -19,7 +19,6 @@ import pytest
 from fabfile import sandbox
 from fabfile.sandbox.hosts import teardown_network_if_unused
 
-
 REQUIRED_TOOLS = ("systemd-nspawn", "mmdebstrap", "zstd", "ssh", "ssh-keygen", "nsenter", "ip", "openssl")
 
 

@@ -87,7 +87,8 @@ def test_sandbox_override_only_drops_cpu_limits():
 
 
 def test_env_example_has_every_setting():
-    keys = {line.split("=", 1)[0] for line in (APP_SOURCE / ".env.example").read_text().splitlines() if "=" in line and not line.startswith("#")}
+    lines = (APP_SOURCE / ".env.example").read_text().splitlines()
+    keys = {line.split("=", 1)[0] for line in lines if "=" in line and not line.startswith("#")}
     assert {"DATABASE_URL", "POSTGRES_PASSWORD", "JWT_SECRET", "API_KEY", "CORS_ORIGINS"} <= keys
 
 

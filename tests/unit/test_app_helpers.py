@@ -56,7 +56,9 @@ def test_compose_uses_every_file_and_tags_the_release(defaults):
     assert app.compose("up -d", SHA) == (
         f"cd /opt/coachntt && APP_VERSION={SHA} docker compose --ansi never -f docker-compose.prod.yml -f docker-compose.sandbox.yml up -d"
     )
-    assert app.compose("ps") == "cd /opt/coachntt && docker compose --ansi never -f docker-compose.prod.yml -f docker-compose.sandbox.yml ps"
+    assert app.compose("ps") == (
+        "cd /opt/coachntt && docker compose --ansi never -f docker-compose.prod.yml -f docker-compose.sandbox.yml ps"
+    )
 
 
 def test_fetch_resolves_the_sha_as_the_app_owner(app, fake_host):
@@ -73,19 +75,59 @@ def test_fetch_without_sha_resolves_the_branch_tip(app, fake_host):
     assert "'origin/main^{commit}'" in host.sent[0]
 
 
-def test_unknown_sha_is_a_usage_error(app, fake_host):
-    host = fake_host(replies={"git fetch": (1, "", "")})
+def test_fetch_and_resolve_are_one_command_with_their_own_exit_codes(app, fake_host):
+    host = fake_host(replies={"git fetch": (0, SHA + "\n", "")}, login_user="coachntt")
+    fetch_sha(host, app, "abc1234")
+    assert host.round_trips == 1
+    assert host.sent[0] == (
+        "cd /opt/coachntt && { if ! git fetch --quiet origin; then git remote get-url origin; exit 90; fi; "
+        "git rev-parse --verify --quiet 'abc1234^{commit}' || exit 91; }"
+    )
+
+
+def test_unknown_sha_after_a_good_fetch_is_a_usage_error(app, fake_host):
+    host = fake_host(replies={"git fetch": (91, "", "")})
     with pytest.raises(UsageError) as info:
         fetch_sha(host, app, "abc1234")
-    assert info.value.what.startswith("unknown sha 'abc1234'")
+    assert info.value.what == "unknown sha 'abc1234': not found in origin"
+    assert info.value.exit_code == 2
 
 
-def test_failed_fetch_of_the_branch_says_why(app, fake_host):
-    host = fake_host(failures={"git fetch": (128, "warning: x\nfatal: could not read from remote repository")})
-    with pytest.raises(OpsError) as info:
+def test_unknown_branch_after_a_good_fetch_is_a_config_error(app, fake_host):
+    host = fake_host(replies={"git fetch": (91, "", "")})
+    with pytest.raises(ConfigError) as info:
         fetch_sha(host, app, "")
-    assert info.value.what == "cannot fetch origin/main in /opt/coachntt"
-    assert info.value.hint == "fatal: could not read from remote repository"
+    assert info.value.what == "branch 'main' not found in origin"
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("sha", ["abc1234", ""])
+@pytest.mark.parametrize("stderr", [
+    "fatal: unable to access 'https://github.com/coachntt/api.git/': Could not resolve host: github.com",
+    "git@github.com: Permission denied (publickey).\nfatal: Could not read from remote repository.",
+])
+def test_a_failed_fetch_is_exit_1_naming_the_repository_and_gits_reason_not_an_unknown_sha(app, fake_host, sha, stderr):
+    host = fake_host(replies={"git fetch": (90, "https://ci:hunter2-token@github.com/coachntt/api.git\n", stderr)})
+    with pytest.raises(OpsError) as info:
+        fetch_sha(host, app, sha)
+    assert type(info.value) is OpsError and info.value.exit_code == 1
+    assert info.value.what == f"cannot fetch from https://ci:********@github.com/coachntt/api.git: {stderr.splitlines()[-1]}"
+    assert info.value.hint == "check the network / deploy key"
+
+
+def test_a_missing_checkout_is_not_an_unknown_sha(app, fake_host):
+    host = fake_host(replies={"git fetch": (2, "", "sh: 1: cd: can't cd to /opt/coachntt\n")})
+    with pytest.raises(OpsError) as info:
+        fetch_sha(host, app, "abc1234")
+    assert info.value.exit_code == 1
+    assert info.value.what.startswith("fetching in /opt/coachntt failed on deploy@vps (exit 2)")
+    assert info.value.hint == "sh: 1: cd: can't cd to /opt/coachntt"
+
+
+def test_a_fetch_answer_that_is_not_a_commit_id_never_becomes_the_release(app, fake_host):
+    host = fake_host(replies={"git fetch": (0, "abc; touch /tmp/x\n", "")})
+    with pytest.raises(OpsError, match="git answered"):
+        fetch_sha(host, app, "abc1234")
 
 
 def test_gate_result_separates_responses_from_logs(app, fake_host):

@@ -142,8 +142,8 @@ def test_a_probe_that_exits_does_not_end_the_batch(local):
 def test_gather_raises_a_clear_error_when_the_script_itself_dies(local):
     with pytest.raises(RemoteCommandError) as info:
         sh_gather(local, {"first": "echo ok", "killer": "kill -9 $$", "never": "echo unreachable"})
-    assert info.value.what.startswith("`printf")
-    assert f"failed on {local.label}" in info.value.what
+    assert info.value.what.startswith(f"reading facts on {local.label} failed (exit ")
+    assert "printf" not in info.value.one_line() and "@@coachntt" not in info.value.one_line()
 
 
 def test_gather_reports_the_shell_error_when_a_probe_breaks_the_script(local):
@@ -157,7 +157,12 @@ def test_gather_when_sudo_is_refused_says_how_to_fix_it(fake_host):
         def _execute(self, command, timeout):
             return Result(command, "", "sudo: a password is required\n", 1)
 
-    host = NoSudo(is_root=False)
+    host = NoSudo(is_root=False, label="alice@10.201.0.9")
     with pytest.raises(RemoteCommandError) as info:
         gather(host, {"a": "true"})
-    assert "passwordless sudo" in info.value.hint
+    assert info.value.what == "reading facts on alice@10.201.0.9 failed (exit 1)"
+    assert info.value.hint == (
+        "alice needs passwordless sudo on 10.201.0.9: add a sudoers drop-in from the provider's console "
+        "(e.g. `echo 'alice ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/90-alice`), "
+        "or run `secure` as root while root login is still on"
+    )

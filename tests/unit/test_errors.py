@@ -29,12 +29,13 @@ def bad_host_key():
     "exc,kind,what",
     [
         (ConnectionRefusedError(111, "Connection refused"), ConnectError, f"cannot reach {WHERE}: connection refused"),
-        (socket.timeout("timed out"), ConnectError, f"cannot reach {WHERE}: timed out"),
+        (TimeoutError("timed out"), ConnectError, f"cannot reach {WHERE}: timed out"),
         (TimeoutError(), ConnectError, f"cannot reach {WHERE}: timed out"),
         (socket.gaierror(-2, "Name or service not known"), ConnectError, f"cannot resolve host in {WHERE}"),
         (paramiko.AuthenticationException("Authentication failed."), AuthError, f"authentication failed for {WHERE}"),
         (OSError(113, "No route to host"), ConnectError, f"cannot reach {WHERE}: No route to host"),
-        (paramiko.SSHException("Error reading SSH protocol banner"), ConnectError, f"SSH failed for {WHERE}: Error reading SSH protocol banner"),
+        (paramiko.SSHException("Error reading SSH protocol banner"), ConnectError,
+         f"SSH failed for {WHERE}: Error reading SSH protocol banner"),
     ],
 )
 def test_connection_failures_map_to_one_line_errors(exc, kind, what):

@@ -106,7 +106,7 @@ def ssh_server(host_key):
         while not stop.is_set():
             try:
                 conn, _ = listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             transport = paramiko.Transport(conn)
             transport.add_server_key(host_key)

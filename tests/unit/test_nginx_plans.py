@@ -11,8 +11,8 @@ import pytest
 
 from fabfile import nginx
 from fabfile.core.batch import ProbeResult
-from fabfile.core.errors import UsageError
-from fabfile.core.settings import Settings
+from fabfile.core.errors import ConfigError
+from fabfile.core.settings import Settings, validate
 from fabfile.nginx import DEFAULT_SITE, SITE_FILE, default_site_step, site_settings, site_step
 
 missing = ProbeResult("", 1)
@@ -69,30 +69,30 @@ def test_default_settings_give_three_sites(settings):
         ("upstreams.staging", "127.0.0.1:8001; evil", "upstreams.staging must be host:port, got '127.0.0.1:8001; evil'"),
     ],
 )
-def test_bad_domain_or_upstream_is_a_usage_error_naming_key_and_value(defaults, key, value, message):
-    with pytest.raises(UsageError) as info:
-        site_settings(settings_with(defaults, **{key: value}))
+def test_bad_domain_or_upstream_is_a_config_error_naming_key_and_value(defaults, key, value, message):
+    with pytest.raises(ConfigError) as info:
+        validate(settings_with(defaults, **{key: value}))
     assert info.value.what == message
     assert info.value.exit_code == 2
 
 
 @pytest.mark.parametrize("upstream", ["127.0.0.1:99999", "127.0.0.1:0"])
 def test_upstream_port_outside_1_to_65535_is_refused(defaults, upstream):
-    with pytest.raises(UsageError):
-        site_settings(settings_with(defaults, **{"upstreams.api": upstream}))
+    with pytest.raises(ConfigError):
+        validate(settings_with(defaults, **{"upstreams.api": upstream}))
 
 
 @pytest.mark.parametrize("rate", ["10/s", "fast", "10r/h", "10 r/s"])
-def test_bad_rate_is_refused_when_the_step_is_built(defaults, rate):
-    with pytest.raises(UsageError) as info:
-        site_step(settings_with(defaults, **{"rate_limit.rate": rate}))
-    assert info.value.what == f"rate_limit.rate must look like 10r/s, got '{rate}'"
+def test_bad_rate_is_refused(defaults, rate):
+    with pytest.raises(ConfigError) as info:
+        validate(settings_with(defaults, **{"rate_limit.rate": rate}))
+    assert info.value.what == f"rate_limit.rate must be a rate like 10r/s or 600r/m, got '{rate}'"
 
 
 def test_nginx_task_refuses_a_bad_domain_with_exit_2_before_connecting(refused_before_connecting):
     exit_ = refused_before_connecting(nginx.install, env={"COACHNTT_DOMAINS__API": "api coachntt.ai"})
     assert exit_.code == 2
-    assert exit_.message == "error: domains.api must be a host name, got 'api coachntt.ai'; fix it in invoke.yaml or the env file"
+    assert exit_.message == "error: domains.api must be a host name, got 'api coachntt.ai'; fix COACHNTT_DOMAINS__API in the environment"
 
 
 def test_nginx_status_refuses_a_bad_upstream_before_connecting(refused_before_connecting):
@@ -169,14 +169,18 @@ def test_any_other_name_gets_no_answer_from_the_default_server(settings):
 
 def test_unchanged_site_is_ok(settings):
     content = rendered(settings, ok("api.coachntt.ai"))
-    plan = site_step(settings).plan({"content": ok(content.rstrip("\n")), "meta": ok("644 root:root"), "certificates": ok("api.coachntt.ai")})
+    plan = site_step(settings).plan(
+        {"content": ok(content.rstrip("\n")), "meta": ok("644 root:root"), "certificates": ok("api.coachntt.ai")}
+    )
     assert plan.changes == ()
     assert plan.reason == f"{SITE_FILE} up to date"
 
 
 def test_a_new_certificate_updates_an_unchanged_site_to_tls(settings):
     content = rendered(settings)
-    plan = site_step(settings).plan({"content": ok(content.rstrip("\n")), "meta": ok("644 root:root"), "certificates": ok("api.coachntt.ai")})
+    plan = site_step(settings).plan(
+        {"content": ok(content.rstrip("\n")), "meta": ok("644 root:root"), "certificates": ok("api.coachntt.ai")}
+    )
     (change,) = plan.changes
     assert change.summary.startswith(f"update {SITE_FILE} ")
     assert "+    listen 443 ssl;" in change.diff

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 
 import pytest
 from invoke.exceptions import Exit
 
-from fabfile import deploy as deploy_module, rollback as rollback_module
-from fabfile.core import task as task_module, templates
+from fabfile import deploy as deploy_module
+from fabfile import rollback as rollback_module
+from fabfile.core import task as task_module
+from fabfile.core import templates
 from fabfile.core.app import App
 from fabfile.core.batch import ProbeResult
 from fabfile.core.errors import UsageError
@@ -169,6 +172,22 @@ def test_rollback_to_a_failed_release_reads_the_log_then_exits_2_without_changin
     assert len(host.sent) == 3 and "deploy-lock release" in host.sent[2], "nothing but the lock's release follows"
 
 
+def test_history_shows_the_readable_entries_and_warns_about_the_rest(project_context, mocker, release_host, capsys):
+    log = "\n".join([deploy(A).to_json(), "null", '{"sha": "$(touch /tmp/x)", "kind": "deploy"}', deploy(B).to_json(), '{"sha": "b'])
+    host = release_host(log, B)
+    mocker.patch.object(task_module, "target_for", return_value=host)
+    deploy_module.history(project_context)
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in out[:2]] == [A[:12], B[:12]]
+    assert out[2] == "  warning: skipped 3 unreadable line(s) of /var/lib/coachntt-ops/releases.jsonl"
+
+
+def test_deploy_refuses_a_multi_line_message_before_connecting(refused_before_connecting):
+    exit_ = refused_before_connecting(deploy_module.deploy, message="first\nsecond")
+    assert exit_.code == 2
+    assert exit_.message.startswith("error: --message must be one line of text; ")
+
+
 # --- deploy.setup steps -----------------------------------------------------------
 
 
@@ -218,7 +237,7 @@ def test_missing_checkout_is_cloned_as_the_deploy_user(app):
     assert change.summary == "clone https://github.com/example/coachntt.git into /opt/coachntt"
     assert change.command == (
         "install -d -o coachntt -g coachntt /opt/coachntt && "
-        "sudo -n -u coachntt git clone --quiet https://github.com/example/coachntt.git /opt/coachntt"
+        "sudo -n -u coachntt git clone --quiet -- https://github.com/example/coachntt.git /opt/coachntt"
     )
 
 
@@ -284,3 +303,31 @@ def test_lock_wait_asks_again_until_the_holder_is_done(mocker, fake_host):
         pass
     assert sum("deploy-lock acquire" in c for c in host.sent) == 3
     assert sleeps.call_count == 2
+
+
+# --- defence in depth: a value that slipped past validation is still one word -----
+
+HOSTILE = "x$(touch /tmp/y);z"
+
+
+def test_setup_commands_quote_the_owner_and_paths(app):
+    app = dataclasses.replace(app, owner=HOSTILE, repo="https://github.com/example/coachntt.git")
+    commands = [
+        *(c.command for c in directories_step(app).plan({"d0": missing, "d1": missing}).changes),
+        *(c.command for c in checkout_step(app).plan({"owner": ok("1000"), "git": missing}).changes),
+        *(c.command for c in env_file_step(app).plan({"env": missing}).changes),
+        *checkout_step(app).probes.values(),
+    ]
+    for command in commands:
+        assert "$(touch" not in command.replace(f"'{HOSTILE}'", "").replace(f"'{HOSTILE}:{HOSTILE}'", ""), command
+
+
+def test_backup_and_restore_pass_database_settings_as_single_words(app, mocker, fake_host):
+    app = dataclasses.replace(app, db_container=HOSTILE, db_user=HOSTILE, db_name=HOSTILE)
+    host = fake_host(replies={"backup-db": (0, "/backups/db.sql.gz\n", ""), "restore-db": (0, "", "")})
+    deploy_module.backup_before_migrate(host, app, "a" * 40, first_release=False)
+    rollback_module.restore_database(host, app, "/backups/db.sql.gz")
+    # What the host's sh runs, split the way that sh splits it:
+    backup, restore = (shlex.split(shlex.split(c)[-1]) for c in host.sent if "backup-db" in c or "restore-db" in c)
+    assert backup[-6:] == ["backup-db", HOSTILE, HOSTILE, HOSTILE, "/backups", "pre-aaaaaaaaaaaa"]
+    assert restore[-5:] == ["restore-db", HOSTILE, HOSTILE, HOSTILE, "/backups/db.sql.gz"]

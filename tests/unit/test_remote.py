@@ -281,4 +281,6 @@ def test_service_that_need_not_be_enabled_is_only_started():
 
 
 def test_service_probes_ask_systemctl():
-    assert service_step("s", "ssh.socket").probes == {"enabled": "systemctl is-enabled ssh.socket", "active": "systemctl is-active ssh.socket"}
+    assert service_step("s", "ssh.socket").probes == {
+        "enabled": "systemctl is-enabled ssh.socket", "active": "systemctl is-active ssh.socket",
+    }

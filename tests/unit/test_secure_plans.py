@@ -13,7 +13,8 @@ import pytest
 from invoke.exceptions import Exit
 
 from fabfile import secure
-from fabfile.core import task as task_module, templates
+from fabfile.core import task as task_module
+from fabfile.core import templates
 from fabfile.core.batch import ProbeResult
 from fabfile.secure import (
     SSHD_DROP_IN,
@@ -126,7 +127,7 @@ def rendered_drop_in(facts) -> str:
 
 
 def setting(config: str, keyword: str) -> str:
-    (line,) = [l for l in config.splitlines() if l.startswith(keyword + " ")]
+    (line,) = [each for each in config.splitlines() if each.startswith(keyword + " ")]
     return line.split(" ", 1)[1]
 
 
@@ -173,12 +174,12 @@ def test_weak_algorithms_the_host_offers_are_never_listed():
 
 def test_only_host_keys_that_exist_are_named():
     config = rendered_drop_in(sshd_facts(host_keys="/etc/ssh/ssh_host_ecdsa_key\n/etc/ssh/ssh_host_ed25519_key"))
-    assert [l for l in config.splitlines() if l.startswith("HostKey ")] == ["HostKey /etc/ssh/ssh_host_ed25519_key"]
+    assert [line for line in config.splitlines() if line.startswith("HostKey ")] == ["HostKey /etc/ssh/ssh_host_ed25519_key"]
 
 
 def test_both_preferred_host_keys_are_named_when_present():
     config = rendered_drop_in(sshd_facts())
-    assert [l for l in config.splitlines() if l.startswith("HostKey ")] == [
+    assert [line for line in config.splitlines() if line.startswith("HostKey ")] == [
         "HostKey /etc/ssh/ssh_host_ed25519_key",
         "HostKey /etc/ssh/ssh_host_rsa_key",
     ]
@@ -459,3 +460,16 @@ def test_ssh_may_be_named_by_port_or_profile(project_context, mocker, monkeypatc
         secure.secure(project_context)
     assert info.value.code == 2
     assert info.value.message.startswith("error: no public key to install for coachntt; ")
+
+
+# --- defence in depth: a value that slipped past validation is still one word -----
+
+
+def test_user_and_group_names_are_quoted_in_every_command():
+    hostile = "x$(touch /tmp/y)"
+    step = deploy_user_step(hostile, ["sudo", hostile])
+    assert step.probes["groups"] == f"id -nG '{hostile}'"
+    for command in commands(step.plan({"groups": missing, "docker_group": ok()})):
+        assert "$(touch" not in command.replace(f"'{hostile}'", "").replace(f"'sudo,{hostile}'", ""), command
+    (allow,) = commands(firewall_step(["22/tcp;ufw disable"]).plan({"status": ok("Status: active\ndeny (incoming)\nallow (outgoing)")}))
+    assert allow == "ufw allow '22/tcp;ufw disable'"

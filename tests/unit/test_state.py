@@ -27,13 +27,71 @@ def rollback(sha, previous, result="ok"):
 
 def test_release_json_leaves_out_empty_fields_and_parses_back():
     release = deploy(A, backup="/backups/db_20250101.sql.gz", extra={"migrations": 3})
-    assert json.loads(release.to_json()) == {"sha": A, "kind": "deploy", "result": "ok", "backup": "/backups/db_20250101.sql.gz", "extra": {"migrations": 3}}
+    assert json.loads(release.to_json()) == {
+        "sha": A, "kind": "deploy", "result": "ok", "backup": "/backups/db_20250101.sql.gz", "extra": {"migrations": 3},
+    }
     assert parse_log(release.to_json()) == [release]
 
 
 def test_parse_log_skips_a_torn_line_and_ignores_unknown_fields():
     text = deploy(A).to_json() + "\n" + '{"sha": "' + B + '", "kind": "deploy", "future_field": 1}\n{"sha": "cc'
     assert parse_log(text) == [deploy(A), Release(sha=B, kind="deploy")]
+
+
+GOOD_LINE = json.dumps({"sha": A, "kind": "deploy", "result": "ok"})
+
+UNREADABLE_LINES = {
+    "json null": "null",
+    "json list": "[1]",
+    "json number": "7",
+    "json string": '"x"',
+    "json true": "true",
+    "torn line": '{"sha": "' + B + '", "kind": "dep',
+    "not json": "deploy " + B,
+    "deeply nested": "[" * 100_000 + "]" * 100_000,
+    "no sha": json.dumps({"kind": "deploy", "result": "ok"}),
+    "no kind": json.dumps({"sha": B, "result": "ok"}),
+    "sha not a string": json.dumps({"sha": 12345678, "kind": "deploy"}),
+    "sha null": json.dumps({"sha": None, "kind": "deploy"}),
+    "sha not hex": json.dumps({"sha": "main", "kind": "deploy"}),
+    "sha too short": json.dumps({"sha": "abc12", "kind": "deploy"}),
+    "sha upper case": json.dumps({"sha": B.upper(), "kind": "deploy"}),
+    "sha with shell": json.dumps({"sha": B + ";touch /tmp/x", "kind": "deploy"}),
+    "sha with substitution": json.dumps({"sha": "$(touch /tmp/x)", "kind": "rollback", "result": "ok"}),
+    "unknown kind": json.dumps({"sha": B, "kind": "nuke"}),
+    "unknown result": json.dumps({"sha": B, "kind": "deploy", "result": "great"}),
+    "result not a string": json.dumps({"sha": B, "kind": "deploy", "result": 1}),
+    "previous not hex": json.dumps({"sha": B, "kind": "deploy", "previous": "HEAD~1"}),
+    "rolled_back_to with shell": json.dumps({"sha": B, "kind": "deploy", "rolled_back_to": "`id`"}),
+    "extra not a dict": json.dumps({"sha": B, "kind": "deploy", "extra": [1, 2]}),
+    "message a list": json.dumps({"sha": B, "kind": "deploy", "message": ["a"]}),
+    "who an object": json.dumps({"sha": B, "kind": "deploy", "who": {"name": "x"}}),
+    "control characters": json.dumps({"sha": B, "kind": "deploy", "message": "ok\x1b[2J\rcleared"}),
+    "newline in a field": json.dumps({"sha": B, "kind": "deploy", "who": "me\nrelease c ok"}),
+    "backup with shell": json.dumps({"sha": B, "kind": "deploy", "backup": "/backups/x.sql.gz; rm -rf /"}),
+    "backup relative": json.dumps({"sha": B, "kind": "deploy", "backup": "-rf"}),
+    "1 MB line": json.dumps({"sha": B, "kind": "deploy", "message": "x" * 1_000_000}),
+}
+
+
+@pytest.mark.parametrize("line", UNREADABLE_LINES.values(), ids=UNREADABLE_LINES.keys())
+def test_an_unreadable_line_is_skipped_and_counted_never_raised(line):
+    log = parse_log("\n".join([GOOD_LINE, line, GOOD_LINE]))
+    assert log == [deploy(A), deploy(A)]
+    assert log.skipped == 1
+
+
+def test_a_value_from_the_log_is_kept_when_it_is_only_text():
+    """Shell metacharacters in free text (the operator's message) are data, not commands."""
+    line = json.dumps({"sha": B, "kind": "deploy", "result": "ok", "message": "fix $HOME; `quotes` & 'more'",
+                       "backup": "/backups/db_20260101_000000_pre-bbbbbbbbbbbb.sql.gz", "extra": {"any": ["thing"]}})
+    (release,) = parse_log(line)
+    assert release.message == "fix $HOME; `quotes` & 'more'" and release.extra == {"any": ["thing"]}
+
+
+def test_blank_lines_are_not_counted_as_skipped():
+    log = parse_log("\n\n" + GOOD_LINE + "\n\n")
+    assert (log, log.skipped) == ([deploy(A)], 0)
 
 
 def test_good_releases_are_newest_first_without_repeats():

@@ -29,7 +29,9 @@ def motd_plan(facts):
 def nginx_plan(facts):
     if facts["active"].stdout == "active":
         return Plan.ok()
-    return Plan.change(Change("start nginx", "systemctl start nginx"), Change("enable nginx", "systemctl enable nginx"), reason="was inactive")
+    return Plan.change(
+        Change("start nginx", "systemctl start nginx"), Change("enable nginx", "systemctl enable nginx"), reason="was inactive"
+    )
 
 
 def checkout_plan(facts):
@@ -202,7 +204,9 @@ def test_secrets_are_redacted_in_everything_the_reporter_prints(fake_host, out, 
     step = Step(
         "env file",
         probes={"env": "cat /srv/.env"},
-        plan=lambda facts: Plan.change(Change("write DATABASE_URL=postgres://u:db-pass-8d7f6e@db", "true"), reason="password db-pass-8d7f6e"),
+        plan=lambda facts: Plan.change(
+            Change("write DATABASE_URL=postgres://u:db-pass-8d7f6e@db", "true"), reason="password db-pass-8d7f6e"
+        ),
     )
     rep = reporter(out, json=as_json)
     run_steps(host, [step], rep)
@@ -215,7 +219,8 @@ def test_plan_steps_reads_facts_once_and_applies_nothing_until_apply_steps(fake_
     host = fake_host(FACTS)
     planned = plan_steps(host, STEPS)
     assert host.round_trips == 1 and host.changes_sent == []
-    assert [(step.name, bool(plan.changes)) for step, plan in planned] == [("motd", False), ("nginx running", True), ("app checkout", False)]
+    changed = [(step.name, bool(plan.changes)) for step, plan in planned]
+    assert changed == [("motd", False), ("nginx running", True), ("app checkout", False)]
     apply_steps(host, planned, reporter(out))
     assert host.changes_sent == ["set -e\nsystemctl start nginx\nsystemctl enable nginx\n"]
 

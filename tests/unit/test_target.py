@@ -41,13 +41,28 @@ def test_configured_host_gives_a_remote_target_to_that_host(no_connect, defaults
     assert no_connect.call_count == 1
 
 
-def test_configured_host_with_a_space_is_a_config_error_before_connecting(no_connect, defaults):
-    settings = Settings("staging", {**defaults, "host": "deploy@bad host"})
+@pytest.mark.parametrize("key_filename", ["/nonexistent", ["/nonexistent"], ["~/no-such-key-here"]])
+def test_a_missing_key_file_is_a_config_error_before_connecting(no_connect, settings, key_filename):
+    connection = fabric.Connection("coachntt@203.0.113.7", connect_kwargs={"key_filename": key_filename})
     with pytest.raises(ConfigError) as info:
-        target_for(invoke.Context(), settings)
-    assert info.value.what == "COACHNTT_HOST must be user@host[:port], got 'deploy@bad host'"
-    assert "fix .env.staging" in info.value.hint
+        target_for(connection, settings)
+    name = key_filename if isinstance(key_filename, str) else key_filename[0]
+    assert info.value.one_line() == f"key file {name} does not exist; pass the private key with -i"
+    assert info.value.exit_code == 2
     no_connect.assert_not_called()
+
+
+def test_a_key_file_that_is_a_directory_is_refused(no_connect, settings, tmp_path):
+    connection = fabric.Connection("coachntt@203.0.113.7", connect_kwargs={"key_filename": [str(tmp_path)]})
+    with pytest.raises(ConfigError, match="is not a file"):
+        target_for(connection, settings)
+
+
+def test_an_existing_key_file_is_passed_on(no_connect, settings, tmp_path):
+    key = tmp_path / "id_ed25519"
+    key.write_text("not read here")
+    target_for(fabric.Connection("coachntt@203.0.113.7", connect_kwargs={"key_filename": [str(key)]}), settings)
+    no_connect.assert_called_once()
 
 
 def test_no_host_anywhere_gives_the_local_target(no_connect, settings):
@@ -166,8 +181,9 @@ def test_local_target_copies_files_with_awkward_names(tmp_path):
 )
 def test_sudo_password_prompt_gets_the_passwordless_sudo_hint(stderr):
     error = command_failed(Result("apt-get update", "", stderr, 1), "coachntt@vps")
-    assert error.hint == target.SUDO_PASSWORD_HINT
-    assert "passwordless sudo" in error.one_line()
+    assert error.hint == target.SUDO_PASSWORD_HINT.format(user="coachntt", host="vps")
+    assert error.hint.startswith("coachntt needs passwordless sudo on vps: add a sudoers drop-in from the provider's console")
+    assert "run `secure` as root once" not in error.hint, "useless advice once root login is off"
 
 
 def test_failure_message_names_command_host_and_exit_with_last_stderr_line_as_hint():
@@ -214,7 +230,8 @@ def test_command_too_long_for_one_shell_argument_still_runs_via_a_script_file():
 
 
 def test_second_login_opens_a_new_connection_as_the_user_with_the_same_keys(no_connect, settings):
-    first = RemoteTarget(fabric.Connection("root@203.0.113.7", port=2222, connect_kwargs={"key_filename": ["/k"], "sock": object()}), settings)
+    connection = fabric.Connection("root@203.0.113.7", port=2222, connect_kwargs={"key_filename": ["/k"], "sock": object()})
+    first = RemoteTarget(connection, settings)
     second = target.second_login(first, settings, "coachntt")
     assert second.connection is not first.connection
     assert (second.connection.user, second.connection.host, second.connection.port) == ("coachntt", "203.0.113.7", 2222)

@@ -5,16 +5,21 @@ from __future__ import annotations
 import copy
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import invoke
 import pytest
 from invoke.exceptions import Exit
 
-from fabfile.core import redact, task as task_module
+from fabfile.core import redact
+from fabfile.core import task as task_module
 from fabfile.core.errors import ConfigError, ConnectError, LockHeldError, OpsError, UsageError
 from fabfile.core.settings import PROJECT_DIR
 from fabfile.core.task import COMMON_HELP, not_implemented, ops_task
 
+# The venv's own fab and inv, found without the venv on PATH (CI runs with the system PATH).
+BIN = Path(sys.executable).parent
 NAMESPACES = ["secure", "deps", "nginx", "deploy", "ssl", "backup", "rollback", "monitor", "release"]
 
 
@@ -252,13 +257,15 @@ def pending_task():
 @pytest.fixture(scope="module")
 def cli():
     """The real `fab` and `inv` in the project directory, run side by side (each costs ~0.5 s)."""
+    fab, inv = str(BIN / "fab"), str(BIN / "inv")
     commands = {
-        "fab --list": ["fab", "--list"],
-        "inv --list": ["inv", "--list"],
-        "unreachable": ["fab", "-H", "nobody@127.0.0.1:1", "deps.check"],
+        "fab --list": [fab, "--list"],
+        "inv --list": [inv, "--list"],
+        "unreachable": [fab, "-H", "nobody@127.0.0.1:1", "deps.check"],
+        "missing key": [fab, "-H", "nobody@127.0.0.1:1", "-i", "/nonexistent", "deps.check"],
     }
     if pending_task():
-        commands["pending"] = ["inv", pending_task()]
+        commands["pending"] = [inv, pending_task()]
     procs = {
         key: subprocess.Popen(argv, cwd=PROJECT_DIR, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for key, argv in commands.items()
@@ -294,6 +301,12 @@ def test_unreachable_host_is_one_error_line_without_traceback(cli):
     assert result.returncode == 3
 
 
+def test_a_missing_key_file_is_named_with_exit_2_not_cannot_reach(cli):
+    result = cli["missing key"]
+    assert result.stderr == "error: key file /nonexistent does not exist; pass the private key with -i\n"
+    assert result.returncode == 2
+
+
 def test_a_not_yet_implemented_task_exits_2(cli):
     if "pending" not in cli:
         pytest.skip("every task is implemented now; test_not_implemented_placeholder_exits_2_naming_its_issue covers the helper")
@@ -316,3 +329,23 @@ def test_diff_flag_shows_file_content_changes_in_a_dry_run(project_context, mock
     configure(project_context, dry=True, diff=True)
     out = capsys.readouterr().out
     assert "would change" in out and "+hello" in out
+
+
+# --- settings are validated for every task, before any connection ---------------
+
+
+def ops_tasks():
+    from fabfile import ns
+
+    return [name for name in ns.task_names if not name.startswith("sandbox.")]
+
+
+@pytest.mark.parametrize("name", ops_tasks())
+@pytest.mark.parametrize("dry", [False, True])
+def test_every_task_refuses_a_bad_setting_before_connecting(refused_before_connecting, name, dry):
+    from fabfile import ns
+
+    exit_ = refused_before_connecting(ns[name], env={"COACHNTT_DEPLOY_USER": "coachntt;touch /tmp/x"}, dry=dry)
+    assert exit_.code == 2
+    assert exit_.message.startswith("error: deploy_user must be a user name"), exit_.message
+    assert "got 'coachntt;touch /tmp/x'" in exit_.message

@@ -54,7 +54,7 @@ async def list_notes(request: web.Request) -> web.Response:
     try:
         limit = max(1, min(int(request.query.get("limit", "100")), 1000))
     except ValueError:
-        raise web.HTTPBadRequest(text=json.dumps({"error": "limit must be an integer"}), content_type="application/json")
+        raise web.HTTPBadRequest(text=json.dumps({"error": "limit must be an integer"}), content_type="application/json") from None
     rows = await in_thread(
         request.app[DB].run, "SELECT id, body, created_at FROM notes ORDER BY id DESC LIMIT %s", (limit,)
     )
