@@ -2,15 +2,24 @@
 locking the operator out.
 
 Runbook (`fab -H root@HOST -i KEY secure`):
+    0. sshd's config as found          `sshd -t` must pass BEFORE anything changes: a
+                                       broken third-party drop-in is named and nothing
+                                       is touched (exit 1), a reload would kill sshd
     1. install the hardening tools     ufw, fail2ban, unattended-upgrades
     2. deploy user                     coachntt in groups sudo + docker
-    3. its SSH key                     the key this run logged in with (or settings)
+    3. its SSH keys                    settings' authorized_keys plus the key this run
+                                       logged in with (or --keys) ADDED; lines already
+                                       there (other operators, CI) are always kept
     4. passwordless sudo               validated sudoers drop-in
     -- prove: a second connection logs in as coachntt and runs sudo --
     5. sshd hardening                  drop-in that wins over cloud-init; sshd -t; then a
                                        reload that works with ssh.socket activation too
+    -- prove again: a NEW login as coachntt after the reload; if it fails the previous
+       drop-in comes back (or ours goes), sshd is reloaded and the run fails --
     6. small DH moduli removed
-    7. firewall                        allow 22/80/443 BEFORE enabling, deny the rest
+    7. firewall                        allow every SSH port (the one this run is connected
+                                       on, sshd's `Port`s, ssh.socket's ListenStream) and
+                                       firewall.allow BEFORE enabling, deny the rest
     8. fail2ban                        sshd jail on the journal
     9. unattended security upgrades
 
@@ -20,15 +29,18 @@ After the first run, use `fab -H coachntt@HOST secure`; a second run changes not
 
 from __future__ import annotations
 
+import re
 import shlex
+import time
+from dataclasses import dataclass
 
 from invoke import Collection
 
 from .core import remote, templates
 from .core.batch import gather
-from .core.errors import OpsError, UsageError
+from .core.errors import AuthError, OpsError, UsageError
 from .core.steps import Change, Facts, Plan, Step
-from .core.target import LocalTarget, login_public_keys, second_login
+from .core.target import LocalTarget, RemoteTarget, login_public_keys, second_login
 from .core.task import ops_task
 
 # Preferred algorithms, strongest first; the plan keeps those the host's
@@ -61,13 +73,46 @@ HOST_KEYS = ["/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/ssh_host_rsa_key"]
 
 SSHD_DROP_IN = "/etc/ssh/sshd_config.d/00-coachntt-hardening.conf"
 # Socket activation (Ubuntu 24.04's ssh.socket) is kept: the script restarts or
-# reloads sshd the way each setup needs. We keep port 22, so ssh.socket's
-# ListenStream and sshd_config agree.
+# reloads sshd the way each setup needs. Our drop-in sets no Port, so whatever
+# ssh.socket's ListenStream and sshd_config agreed on stays as it is.
 RELOAD_SSHD = f"sh -c {shlex.quote(templates.script('reload-sshd.sh'))}"
 HARDENING_PACKAGES = ["ufw", "fail2ban", "python3-systemd", "unattended-upgrades"]
+# sshd -t/-T need the privilege separation directory, which systemd removes when
+# sshd stops (ssh.socket hosts between connections); recreating it is harmless.
+PRIVSEP_DIR = "install -d -m 0755 /run/sshd"
 
 
 # -- steps ------------------------------------------------------------------
+
+
+def sshd_config_step() -> Step:
+    """Preflight: the host's sshd config must already pass `sshd -t`, or we touch nothing.
+
+    A broken third-party drop-in would make our reload kill sshd (or ssh.socket's
+    next connection fail): better refuse now, naming the file and line.
+    """
+
+    def plan(facts: Facts) -> Plan:
+        problem = sshd_config_problem(facts["sshd_t"])
+        if problem:
+            raise OpsError(
+                f"sshd's configuration is already broken before any change: {problem}",
+                "fix or remove that file until `sshd -t` passes (sshd keeps serving until it restarts), "
+                "then rerun; nothing was changed",
+            )
+        return Plan.ok("sshd -t passes")
+
+    return Step("sshd config as found", probes={"sshd_t": f"{PRIVSEP_DIR}; sshd -t 2>&1"}, plan=plan)
+
+
+def sshd_config_problem(sshd_t) -> str:
+    """The line of `sshd -t`'s output that names what is wrong ('' when it passes). Pure."""
+    if sshd_t.ok:
+        return ""
+    lines = [line.strip() for line in sshd_t.lines if line.strip()]
+    # OpenSSH prints "FILE: line N: Bad configuration option: X" then "FILE: terminating, ...".
+    named = [line for line in lines if re.search(r": line \d+: ", line)]
+    return (named or lines or [f"sshd -t exited {sshd_t.status} without saying why"])[0]
 
 
 def deploy_user_step(user: str, groups: list[str]) -> Step:
@@ -95,16 +140,60 @@ def deploy_user_step(user: str, groups: list[str]) -> Step:
     )
 
 
+_KEY_TYPE = re.compile(r"^(ssh-|ecdsa-|sk-)")
+
+
+def key_identity(line: str) -> tuple[str, str] | None:
+    """(type, base64) of an authorized_keys line, options and comment ignored; None for others."""
+    if line.lstrip().startswith("#"):
+        return None
+    tokens = line.split()
+    for kind, blob in zip(tokens, tokens[1:], strict=False):
+        if _KEY_TYPE.match(kind):
+            return kind, blob
+    return None
+
+
 def authorized_keys_step(user: str, keys: list[str]) -> Step:
-    path = f"/home/{user}/.ssh/authorized_keys"
-    return remote.file_step(
-        f"ssh key for {user}",
-        path,
-        "\n".join(keys) + "\n",
-        mode="0600",
-        owner=f"{user}:{user}",
-        then=f"chown {shlex.quote(f'{user}:{user}')} {shlex.quote(f'/home/{user}/.ssh')} && chmod 700 {shlex.quote(f'/home/{user}/.ssh')}",
-    )
+    """ADD `keys` that are missing; every line already there (other operators, CI) is kept.
+
+    Keys are appended on the host, each guarded by its own grep, so even a key
+    another operator added between our read and our write survives.
+    """
+    home = f"/home/{user}/.ssh"
+    path = f"{home}/authorized_keys"
+    owner = f"{user}:{user}"
+    q_user, q_home, q_path, q_owner = (remote.q(value) for value in (user, home, path, owner))
+
+    def plan(facts: Facts) -> Plan:
+        lines = facts["content"].lines if facts["content"].ok else []
+        present = {key_identity(line) for line in lines} - {None}
+        missing: list[str] = []
+        for key in keys:
+            identity = key_identity(key)
+            if identity not in present:
+                missing.append(key)
+                present.add(identity)
+        kept = sum(1 for line in lines if key_identity(line))
+        if missing:
+            commands = [
+                f"install -d -m 0700 -o {q_user} -g {q_user} {q_home}",
+                f"touch {q_path}",
+                # A last line without its newline would otherwise get our key glued on.
+                f"if [ -s {q_path} ] && [ -n \"$(tail -c 1 {q_path})\" ]; then echo >> {q_path}; fi",
+                *(f"grep -v '^[[:space:]]*#' {q_path} | grep -qF -- {remote.q(key_identity(key)[1])} "
+                  f"|| printf '%s\\n' {remote.q(key)} >> {q_path}"
+                  for key in missing),
+                f"chmod 0600 {q_path} && chown {q_owner} {q_path} && chown {q_owner} {q_home} && chmod 700 {q_home}",
+            ]
+            summary = f"add {len(missing)} key(s) to {path}" + (f", keeping the {kept} already there" if kept else "")
+            return Plan.change(Change(summary, "\n".join(commands), "".join(f"+{key}\n" for key in missing)))
+        if facts["meta"].stdout.strip() != f"600 {owner}":
+            return Plan.change(Change(f"set {path} to mode 0600, owner {owner} (was {facts['meta'].stdout.strip()})",
+                                      f"chmod 0600 {q_path} && chown {q_owner} {q_path}"))
+        return Plan.ok(f"{len(keys)} wanted key(s) present among {kept} in {path}")
+
+    return Step(f"ssh keys for {user}", probes=remote.file_probes(path), plan=plan)
 
 
 def sudoers_step(user: str) -> Step:
@@ -118,11 +207,25 @@ def sudoers_step(user: str) -> Step:
     )
 
 
+@dataclass(frozen=True)
+class SshdPlan(Plan):
+    """The sshd plan, plus what puts the host back if the new config refuses the deploy user."""
+
+    undo: Change | None = None
+
+
+def sshd_undo(facts: Facts) -> Change:
+    """Pure: the previous drop-in back (write_file_command kept it), or ours removed; then reload."""
+    had_old = facts["content"].ok
+    summary = f"restored the previous {SSHD_DROP_IN}" if had_old else f"removed {SSHD_DROP_IN}"
+    return Change(f"{summary} and reloaded sshd", f"{remote.restore_command(SSHD_DROP_IN, had_old)}\n{RELOAD_SSHD}")
+
+
 def sshd_step() -> Step:
     # `sshd -t` validates; `sshd -T` shows the effective values, proving our
     # drop-in really wins over cloud-init's and the main file. sshd -t needs
     # its privilege separation directory, which systemd removes when sshd stops.
-    validate = ("{ install -d -m 0755 /run/sshd && sshd -t && sshd -T | grep -qx 'permitrootlogin no' "
+    validate = ("{ " + PRIVSEP_DIR + " && sshd -t && sshd -T | grep -qx 'permitrootlogin no' "
                 "&& sshd -T | grep -qx 'passwordauthentication no'; }")
 
     def plan(facts: Facts) -> Plan:
@@ -135,7 +238,8 @@ def sshd_step() -> Step:
             host_keys=[k for k in HOST_KEYS if k in facts["host_keys"].lines],
         )
         drop_in = remote.file_step("sshd hardening", SSHD_DROP_IN, content, validate=validate, then=RELOAD_SSHD)
-        return drop_in.plan(facts)
+        planned = drop_in.plan(facts)
+        return SshdPlan(planned.changes, planned.reason, planned.skip, undo=sshd_undo(facts))
 
     return Step(
         "sshd hardening",
@@ -171,11 +275,37 @@ def moduli_step() -> Step:
     return Step("weak DH moduli", probes={"weak": "awk '$1 !~ /^#/ && $5 < 2047' /etc/ssh/moduli | wc -l"}, plan=plan)
 
 
-def firewall_step(allow: list[str]) -> Step:
+def ssh_ports(facts: Facts, login_port: int | None) -> dict[str, str]:
+    """Every port SSH may come in on -> why. Pure: sshd -T's `port` lines, ssh.socket's
+    ListenStream (when the socket is active) and the port this run is connected on."""
+    found: dict[str, list[str]] = {}
+    for port in (line.split()[1] for line in facts["sshd_ports"].lines if line.startswith("port ") and len(line.split()) == 2):
+        found.setdefault(port, []).append("sshd Port")
+    if facts["socket_listen"].ok:
+        for port in re.findall(r"(?:^|[:\s])(\d+) \(Stream\)", facts["socket_listen"].stdout):
+            found.setdefault(port, []).append("ssh.socket")
+    if login_port:
+        found.setdefault(str(login_port), []).append("this run is connected on it")
+    return {port: ", ".join(dict.fromkeys(why)) for port, why in sorted(found.items(), key=lambda item: int(item[0]))}
+
+
+def allowed_port(rule: str) -> str:
+    """The port a ufw rule opens ("22/tcp" -> "22"; the ssh/OpenSSH profiles -> "22")."""
+    name = rule.split("/")[0]
+    return "22" if name in ("ssh", "OpenSSH") else name
+
+
+def firewall_step(allow: list[str], login_port: int | None = None) -> Step:
+    """ufw default deny with SSH always open: no setting can wall off the port we use."""
+
     def plan(facts: Facts) -> Plan:
         status = facts["status"].stdout
         rules = [line.split()[0] for line in facts["status"].lines if " ALLOW " in f" {line} "]
-        changes = [Change(f"allow {rule}", f"ufw allow {shlex.quote(rule)}") for rule in allow if rule not in rules]
+        opened = {allowed_port(rule) for rule in allow}
+        ssh = [(f"{port}/tcp", why) for port, why in ssh_ports(facts, login_port).items() if port not in opened]
+        # SSH first: those rules exist before anything else is done to the firewall.
+        changes = [Change(f"allow {rule} (SSH: {why})", f"ufw allow {shlex.quote(rule)}") for rule, why in ssh if rule not in rules]
+        changes += [Change(f"allow {rule}", f"ufw allow {shlex.quote(rule)}") for rule in allow if rule not in rules]
         if "deny (incoming)" not in status:
             changes.append(Change("deny incoming by default", "ufw default deny incoming"))
         if "allow (outgoing)" not in status:
@@ -184,10 +314,18 @@ def firewall_step(allow: list[str]) -> Step:
             # Last: every allow rule above (SSH first) exists before the wall goes up.
             changes.append(Change("enable ufw", "ufw --force enable"))
         if not changes:
-            return Plan.ok(f"active, default deny, allows {' '.join(allow)}")
+            return Plan.ok(f"active, default deny, allows {' '.join([rule for rule, _ in ssh] + allow)}")
         return Plan.change(*changes)
 
-    return Step("firewall", probes={"status": "ufw status verbose"}, plan=plan)
+    return Step(
+        "firewall",
+        probes={
+            "status": "ufw status verbose",
+            "sshd_ports": f"{PRIVSEP_DIR}; sshd -T | grep '^port '",
+            "socket_listen": "systemctl is-active --quiet ssh.socket && systemctl show -p Listen --value ssh.socket",
+        },
+        plan=plan,
+    )
 
 
 def fail2ban_steps(settings) -> list[Step]:
@@ -239,6 +377,45 @@ def prove_deploy_login(ops, user: str) -> None:
     ops.reporter.info(f"  proven        second login as {user} with sudo works")
 
 
+def prove_login_after_reload(ops, user: str, undo: Change) -> None:
+    """After sshd reloaded the hardening, a NEW login as `user` must work; else `undo` it.
+
+    The connection this run uses stays open through the reload, so it can always
+    put the previous config back. Refused logins are not retried (sshd penalises
+    them); a connection that fails to open while sshd restarts is, briefly.
+    """
+    if not isinstance(ops.target, RemoteTarget):
+        return  # on the host itself: prove_deploy_login told the operator to log in from a second terminal
+    failure = None
+    for attempt in range(3):
+        try:
+            proof = second_login(ops.target, ops.settings, user)
+            try:
+                proof.run("true")
+            finally:
+                proof.close()
+            ops.reporter.info(f"  proven        a new login as {user} works with the hardened sshd")
+            return
+        except AuthError as exc:
+            failure = exc
+            break
+        except OpsError as exc:
+            failure = exc
+            time.sleep(1 + attempt)
+    undone = ops.target.run(undo.command, sudo=True, check=False)
+    if not undone.ok:
+        why = ((undone.stderr or undone.stdout).strip().splitlines() or ["no output"])[-1]
+        raise OpsError(
+            f"a new login as {user} failed after hardening sshd ({failure.what}) and putting the old config back "
+            f"failed too ({why})",
+            "keep this session open and fix /etc/ssh/sshd_config.d through the provider's console",
+        )
+    raise OpsError(
+        f"a new login as {user} failed after hardening sshd ({failure.what}); {undo.summary}",
+        f"root login and the firewall are as before; see `journalctl -u ssh` on the host for why sshd refused {user}, fix that and rerun",
+    )
+
+
 # -- tasks ----------------------------------------------------------------------
 
 
@@ -249,12 +426,13 @@ def secure(ops, keys=""):
     """Harden a fresh host: deploy user, sshd, ufw, fail2ban, unattended-upgrades."""
     settings = ops.settings
     user = settings.require("deploy_user")
+    # SSH needs no rule here: the firewall step always opens the ports SSH really uses.
     allow = list(settings.require("firewall.allow"))
-    if not any(rule.split("/")[0] in ("22", "ssh", "OpenSSH") for rule in allow):
-        raise UsageError(f"firewall.allow must keep SSH open, got {allow}", "add 22/tcp so you are not locked out")
-    wanted_keys = [k.strip() for k in keys.split(",") if k.strip()] or list(settings.get("authorized_keys") or [])
+    # --keys is the operator's explicit choice; otherwise settings' keys (CI, other
+    # operators) plus the key of this login. Either way they are added, never replacing.
+    wanted_keys = [k.strip() for k in keys.split(",") if k.strip()]
     if not wanted_keys:
-        wanted_keys = login_public_keys(ops.target)
+        wanted_keys = list(settings.get("authorized_keys") or []) + login_public_keys(ops.target)
     if not wanted_keys:
         raise UsageError(
             f"no public key to install for {user}",
@@ -262,23 +440,28 @@ def secure(ops, keys=""):
         )
 
     ops.run_steps([
+        sshd_config_step(),  # refuses, before anything below changes, when sshd -t already fails
         remote.packages_step("hardening packages", HARDENING_PACKAGES),
         deploy_user_step(user, list(settings.get("deploy_groups"))),
         authorized_keys_step(user, wanted_keys),
         sudoers_step(user),
     ])
 
-    planned = ops.plan([
+    login_port = ops.target.connection.port if isinstance(ops.target, RemoteTarget) else None
+    (sshd, sshd_plan), *rest = ops.plan([
         sshd_step(),
         moduli_step(),
-        firewall_step(allow),
+        firewall_step(allow, login_port),
         *fail2ban_steps(settings),
         *unattended_upgrades_steps(),
     ])
-    sshd_changes = any(plan.changes for step, plan in planned if step.name == "sshd hardening")
-    if sshd_changes and not ops.dry:
+    hardening = bool(sshd_plan.changes) and not ops.dry
+    if hardening:
         prove_deploy_login(ops, user)
-    ops.apply(planned)
+    ops.apply([(sshd, sshd_plan)])
+    if hardening:
+        prove_login_after_reload(ops, user, sshd_plan.undo)
+    ops.apply(rest)
 
 
 AUDIT_PROBES = {
@@ -297,6 +480,9 @@ def audit_findings(facts: Facts, allowed_ports: set[str]) -> list[tuple[str, boo
     for line in facts["sshd"].lines:
         key, _, value = line.partition(" ")
         sshd.setdefault(key, value)
+    # sshd's own ports are meant to be reachable, whichever they are (secure opens them).
+    sshd_ports = {line.split()[1] for line in facts["sshd"].lines if line.startswith("port ") and len(line.split()) == 2}
+    allowed_ports = set(allowed_ports) | sshd_ports
     ufw = facts["ufw"].stdout
     walled = "Status: active" in ufw and "deny (incoming)" in ufw
     opened_by_ufw = {line.split()[0].split("/")[0] for line in facts["ufw"].lines if " ALLOW " in f" {line} "}

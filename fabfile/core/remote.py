@@ -31,7 +31,7 @@ def write_file_command(path: str, content: str, mode: str, owner: str, validate:
     directory a service includes wholesale (nginx would load a backup in sites-enabled).
     """
     payload = base64.b64encode(content.encode()).decode()
-    backup = f"{BACKUP_DIR}/{path.strip('/').replace('/', '__')}"
+    backup = backup_path(path)
     lines = [
         f"mkdir -p {BACKUP_DIR} && chmod 700 {BACKUP_DIR}",
         f"mkdir -p \"$(dirname {q(path)})\"",
@@ -42,7 +42,7 @@ def write_file_command(path: str, content: str, mode: str, owner: str, validate:
         f"mv -f \"$tmp\" {q(path)}",
     ]
     if validate:
-        restore = f"if [ $had_old = yes ]; then cp -p {q(backup)} {q(path)}; else rm -f {q(path)}; fi"
+        restore = f"if [ $had_old = yes ]; then {restore_command(path, True)}; else {restore_command(path, False)}; fi"
         # The validator's first complaint ends the message: that is the line the operator needs.
         lines.append(
             f"if ! why=$({validate} 2>&1); then {restore}; "
@@ -52,6 +52,16 @@ def write_file_command(path: str, content: str, mode: str, owner: str, validate:
     if then:
         lines.append(then)
     return "\n".join(lines)
+
+
+def backup_path(path: str) -> str:
+    """Where write_file_command keeps the version of `path` it replaced."""
+    return f"{BACKUP_DIR}/{path.strip('/').replace('/', '__')}"
+
+
+def restore_command(path: str, had_old: bool) -> str:
+    """Shell that undoes write_file_command: the previous version back, or no file when there was none."""
+    return f"cp -p {q(backup_path(path))} {q(path)}" if had_old else f"rm -f {q(path)}"
 
 
 def file_step(

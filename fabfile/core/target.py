@@ -13,6 +13,7 @@ them once), set TCP_NODELAY, and count round trips so benchmarks can report them
 
 from __future__ import annotations
 
+import atexit
 import getpass
 import io
 import os
@@ -30,7 +31,7 @@ from fabric import Connection
 from invoke.exceptions import CommandTimedOut
 
 from . import redact
-from .errors import ConfigError, HostKeyError, RemoteCommandError, from_connection_failure
+from .errors import AuthError, ConfigError, HostKeyError, RemoteCommandError, from_connection_failure
 from .settings import Settings
 
 # Longer commands go to `sh -s` on stdin: one argument may not exceed ~128 KiB.
@@ -183,6 +184,7 @@ class RemoteTarget(Target):
         self.label = f"{connection.user}@{connection.host}" + (f":{connection.port}" if connection.port != 22 else "")
         self.login_user = connection.user
         self.is_root = connection.user == "root"
+        self.kept_for_run = False
         environ = os.environ if environ is None else environ
         try:
             open_hardened(connection, settings, accept_new=environ.get("COACHNTT_ACCEPT_NEW_HOST_KEY") == "1")
@@ -190,6 +192,10 @@ class RemoteTarget(Target):
             mapped = from_connection_failure(exc, self.label)
             if mapped is None:
                 raise
+            if isinstance(mapped, AuthError) and self.is_root:
+                deploy = f"{settings.get('deploy_user', 'coachntt')}@{self.label.split('@', 1)[1]}"
+                mapped = AuthError(mapped.what, "if `secure` ran on this host, root login is now off: continue with "
+                                   f"fab -H {deploy}; else pass the right private key with -i KEY")
             raise mapped from None
 
     def _execute(self, command: str, timeout: int | None) -> Result:
@@ -212,7 +218,8 @@ class RemoteTarget(Target):
         self.connection.get(remote, str(local))
 
     def close(self) -> None:
-        self.connection.close()
+        if not self.kept_for_run:  # kept ones close at exit: later tasks of this run use them
+            self.connection.close()
 
 
 def require_key_files(connection: Connection) -> None:
@@ -296,13 +303,42 @@ def target_for(c: Any, settings: Settings) -> Target:
     """The Target for this run: the -H host, else the configured host, else local."""
     if isinstance(c, Connection):
         require_key_files(c)
-        return RemoteTarget(c, settings)
+        return _one_per_run(c, settings)
     host = settings.get("host")  # validated with the settings: user@host[:port]
     if host:
         connection = Connection(host, config=c.config)
         require_key_files(connection)
-        return RemoteTarget(connection, settings)
+        return _one_per_run(connection, settings)
     return LocalTarget(c)
+
+
+# -- one connection per host for the whole run --------------------------------
+# Fabric hands every task its own Connection. `fab -H root@HOST secure deps nginx`
+# must not log in again for `deps`: `secure` has just turned root login off. So a
+# run keeps the first connection to each (user, host, port) for all its tasks and
+# closes them when the process exits; Ops.finish's close() leaves them open.
+
+_OPEN: dict[tuple[str, str, int], RemoteTarget] = {}
+
+
+def _one_per_run(connection: Connection, settings: Settings) -> RemoteTarget:
+    key = (connection.user, connection.host, connection.port)
+    cached = _OPEN.get(key)
+    if cached is not None and cached.connection.is_connected:
+        return cached
+    target = RemoteTarget(connection, settings)
+    target.kept_for_run = True
+    if not _OPEN:
+        atexit.register(close_run_connections)
+    _OPEN[key] = target
+    return target
+
+
+def close_run_connections() -> None:
+    """Close every connection kept for this run (at process exit)."""
+    while _OPEN:
+        _, target = _OPEN.popitem()
+        target.connection.close()
 
 
 def login_public_keys(target: Target) -> list[str]:

@@ -46,6 +46,7 @@ class Ops:
         self.diff = diff
         self.settings = settings_module.from_context(context)
         self._target: Target | None = None
+        self._trips_before = 0  # a connection kept for the whole run has counted earlier tasks' trips
         self._reporter: Reporter | None = None
 
     @property
@@ -60,6 +61,7 @@ class Ops:
     def target(self) -> Target:
         if self._target is None:
             self._target = target_for(self.context, self.settings)
+            self._trips_before = self._target.round_trips
         return self._target
 
     @property
@@ -81,9 +83,9 @@ class Ops:
 
     def finish(self) -> None:
         if self._reporter is not None and self._target is not None and self._reporter.reported_steps:
-            self._reporter.summary(self._target.round_trips)
+            self._reporter.summary(self._target.round_trips - self._trips_before)
         if self._target is not None:
-            self._target.close()
+            self._target.close()  # a connection kept for the run's later tasks stays open (core/target.py)
 
 
 def ops_task(*args: Any, **kwargs: Any) -> Any:

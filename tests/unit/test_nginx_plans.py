@@ -234,3 +234,54 @@ def test_no_default_site_is_ok():
     plan = default_site_step().plan({"default": missing})
     assert plan.changes == ()
     assert plan.reason == "default site not enabled"
+
+
+# --- who holds ports 80/443 (preflight and status) ---------------------------------
+
+from fabfile.core.errors import OpsError  # noqa: E402
+from fabfile.nginx import foreign_holder, listeners, web_ports_step  # noqa: E402
+
+SS_NGINX = (
+    'LISTEN 0 511 0.0.0.0:80 0.0.0.0:* users:(("nginx",pid=2301,fd=5),("nginx",pid=2300,fd=5))\n'
+    'LISTEN 0 511 [::]:80 [::]:* users:(("nginx",pid=2301,fd=6),("nginx",pid=2300,fd=6))'
+)
+SS_PYTHON = 'LISTEN 0 5 0.0.0.0:80 0.0.0.0:* users:(("python3",pid=1234,fd=3))'
+
+
+def test_listeners_name_each_program_once_per_port():
+    assert listeners(SS_NGINX.splitlines()) == {"80": [("nginx", "2301"), ("nginx", "2300")]}
+    assert listeners(["LISTEN 0 5 [::]:443 [::]:*"]) == {"443": [("unknown", "?")]}
+
+
+def test_nginx_or_nobody_on_the_web_ports_is_fine():
+    assert foreign_holder(SS_NGINX.splitlines()) is None
+    assert foreign_holder([]) is None
+    assert web_ports_step().plan({"listeners": ok(SS_NGINX)}).changes == ()
+
+
+def test_another_program_on_port_80_is_named_with_its_pid():
+    assert foreign_holder(SS_PYTHON.splitlines()) == ("80", "python3", "1234")
+
+
+def test_another_program_on_443_beside_nginx_on_80_is_found_too():
+    lines = SS_NGINX.splitlines() + ['LISTEN 0 4096 0.0.0.0:443 0.0.0.0:* users:(("docker-proxy",pid=88,fd=4))']
+    assert foreign_holder(lines) == ("443", "docker-proxy", "88")
+
+
+def test_the_preflight_refuses_in_one_line_with_exit_1():
+    with pytest.raises(OpsError) as info:
+        web_ports_step().plan({"listeners": ok(SS_PYTHON)})
+    assert info.value.one_line() == "port 80 is held by python3 (pid 1234); stop it or move it, then rerun"
+    assert info.value.exit_code == 1
+
+
+def test_the_preflight_is_planned_with_every_other_step_before_any_applies(settings, mocker):
+    """run_steps plans all steps first: the refusal comes before the default site is removed."""
+    from fabfile.core import steps as steps_module
+
+    facts = [{"listeners": ok(SS_PYTHON)}, {"default": ok("")}]
+    mocker.patch.object(steps_module, "gather_facts", return_value=facts)
+    apply = mocker.patch.object(steps_module, "apply_plan")
+    with pytest.raises(OpsError):
+        steps_module.run_steps(mocker.Mock(), [web_ports_step(), default_site_step()], mocker.Mock())
+    apply.assert_not_called()

@@ -16,13 +16,23 @@ from fabfile import secure
 from fabfile.core import task as task_module
 from fabfile.core import templates
 from fabfile.core.batch import ProbeResult
+from fabfile.core.errors import AuthError, ConnectError, OpsError
+from fabfile.core.remote import backup_path
+from fabfile.core.target import RemoteTarget, Result
 from fabfile.secure import (
     SSHD_DROP_IN,
     audit_findings,
+    authorized_keys_step,
     deploy_user_step,
     firewall_step,
+    key_identity,
     moduli_step,
+    prove_login_after_reload,
+    ssh_ports,
+    sshd_config_problem,
+    sshd_config_step,
     sshd_step,
+    sshd_undo,
 )
 
 missing = ProbeResult("", 1)
@@ -291,8 +301,13 @@ To                         Action      From
 443/tcp (v6)               ALLOW IN    Anywhere (v6)"""
 
 
+def ufw_facts(status, sshd_ports="port 22", socket_listen=missing):
+    """What the firewall step reads: ufw's status, sshd -T's port lines, ssh.socket's Listen."""
+    return {"status": ok(status), "sshd_ports": ok(sshd_ports), "socket_listen": socket_listen}
+
+
 def test_inactive_ufw_gets_every_allow_rule_before_it_is_enabled_last():
-    plan = firewall_step(ALLOW).plan({"status": ok("Status: inactive")})
+    plan = firewall_step(ALLOW).plan(ufw_facts("Status: inactive"))
     assert commands(plan) == [
         "ufw allow 22/tcp",
         "ufw allow 80/tcp",
@@ -304,26 +319,265 @@ def test_inactive_ufw_gets_every_allow_rule_before_it_is_enabled_last():
 
 
 def test_the_whole_plan_as_one_script_allows_ssh_before_the_wall_goes_up():
-    script = firewall_step(ALLOW).plan({"status": ok("Status: inactive")}).script
+    script = firewall_step(ALLOW).plan(ufw_facts("Status: inactive")).script
     assert script.index("ufw allow 22/tcp") < script.index("ufw --force enable")
     assert script.rstrip().endswith("ufw --force enable")
 
 
 def test_active_default_deny_with_every_rule_is_ok():
-    plan = firewall_step(ALLOW).plan({"status": ok(UFW_HARDENED)})
+    plan = firewall_step(ALLOW).plan(ufw_facts(UFW_HARDENED))
     assert plan.changes == ()
     assert plan.reason == "active, default deny, allows 22/tcp 80/tcp 443/tcp"
 
 
 def test_a_missing_rule_on_an_active_firewall_is_the_only_change():
     status = "\n".join(line for line in UFW_HARDENED.splitlines() if not line.startswith("443/tcp"))
-    plan = firewall_step(ALLOW).plan({"status": ok(status)})
+    plan = firewall_step(ALLOW).plan(ufw_facts(status))
     assert commands(plan) == ["ufw allow 443/tcp"]
 
 
 def test_active_firewall_that_allows_incoming_by_default_gets_deny():
     status = UFW_HARDENED.replace("deny (incoming)", "allow (incoming)")
-    assert commands(firewall_step(ALLOW).plan({"status": ok(status)})) == ["ufw default deny incoming"]
+    assert commands(firewall_step(ALLOW).plan(ufw_facts(status))) == ["ufw default deny incoming"]
+
+
+def test_sshd_on_another_port_is_allowed_first_and_says_why():
+    plan = firewall_step(ALLOW).plan(ufw_facts("Status: inactive", sshd_ports="port 2222"))
+    assert commands(plan)[0] == "ufw allow 2222/tcp"
+    assert summaries(plan)[0] == "allow 2222/tcp (SSH: sshd Port)"
+    assert commands(plan).index("ufw allow 2222/tcp") < commands(plan).index("ufw --force enable")
+
+
+def test_the_port_this_run_is_connected_on_is_always_allowed():
+    plan = firewall_step(ALLOW, login_port=2222).plan(ufw_facts("Status: inactive"))
+    assert summaries(plan)[0] == "allow 2222/tcp (SSH: this run is connected on it)"
+    # 22 is sshd's and already in the allow list: no second rule for it.
+    assert commands(plan).count("ufw allow 22/tcp") == 1
+
+
+def test_ssh_socket_listen_streams_are_allowed_too():
+    socket = ok("0.0.0.0:2222 (Stream) [::]:2222 (Stream)")
+    plan = firewall_step(ALLOW, login_port=2222).plan(ufw_facts("Status: inactive", sshd_ports="port 2222", socket_listen=socket))
+    assert summaries(plan)[0] == "allow 2222/tcp (SSH: sshd Port, ssh.socket, this run is connected on it)"
+
+
+def test_an_allow_list_without_ssh_still_opens_the_ssh_port_before_enabling():
+    plan = firewall_step(["80/tcp", "443/tcp"], login_port=22).plan(ufw_facts("Status: inactive"))
+    assert commands(plan)[0] == "ufw allow 22/tcp"
+    assert commands(plan)[-1] == "ufw --force enable"
+
+
+def test_the_openssh_profile_counts_as_port_22():
+    plan = firewall_step(["OpenSSH", "80/tcp"], login_port=22).plan(ufw_facts("Status: inactive"))
+    assert "ufw allow 22/tcp" not in commands(plan)
+
+
+def test_a_hardened_firewall_with_the_other_ssh_port_open_is_ok_and_names_it():
+    status = UFW_HARDENED + "\n2222/tcp                   ALLOW IN    Anywhere"
+    plan = firewall_step(ALLOW, login_port=2222).plan(ufw_facts(status, sshd_ports="port 2222"))
+    assert plan.changes == ()
+    assert plan.reason == "active, default deny, allows 2222/tcp 22/tcp 80/tcp 443/tcp"
+
+
+def test_ssh_ports_gathers_every_source_sorted_numerically():
+    facts = ufw_facts("", sshd_ports="port 2222\nport 22", socket_listen=ok("[::]:22 (Stream)"))
+    assert ssh_ports(facts, 10022) == {"22": "sshd Port, ssh.socket", "2222": "sshd Port", "10022": "this run is connected on it"}
+
+
+def test_an_inactive_ssh_socket_adds_nothing():
+    assert ssh_ports(ufw_facts("", socket_listen=failed("")), None) == {"22": "sshd Port"}
+
+
+# --- sshd config as found (before any change) ---------------------------------------
+
+VENDOR_BROKEN = (
+    "/etc/ssh/sshd_config.d/60-vendor.conf: line 3: Bad configuration option: FooBar\n"
+    "/etc/ssh/sshd_config.d/60-vendor.conf: terminating, 1 bad configuration options"
+)
+
+
+def test_a_passing_sshd_t_is_ok():
+    assert sshd_config_problem(ok("")) == ""
+    assert sshd_config_step().plan({"sshd_t": ok("")}).reason == "sshd -t passes"
+
+
+def test_a_broken_drop_in_is_named_by_file_and_line():
+    assert sshd_config_problem(ProbeResult(VENDOR_BROKEN, 255)) == (
+        "/etc/ssh/sshd_config.d/60-vendor.conf: line 3: Bad configuration option: FooBar"
+    )
+
+
+def test_other_sshd_t_failures_give_their_first_line():
+    assert sshd_config_problem(ProbeResult("\nsshd: no hostkeys available -- exiting.\n", 1)) == "sshd: no hostkeys available -- exiting."
+    assert sshd_config_problem(ProbeResult("", 255)) == "sshd -t exited 255 without saying why"
+
+
+def test_a_broken_config_refuses_the_whole_run_with_exit_1_and_one_line():
+    with pytest.raises(OpsError) as info:
+        sshd_config_step().plan({"sshd_t": ProbeResult(VENDOR_BROKEN, 255)})
+    assert info.value.exit_code == 1
+    line = info.value.one_line()
+    assert "\n" not in line
+    assert "60-vendor.conf: line 3: Bad configuration option: FooBar" in line
+    assert "nothing was changed" in line
+
+
+def test_the_sshd_preflight_probe_runs_sshd_t_with_its_output():
+    assert sshd_config_step().probes["sshd_t"].endswith("sshd -t 2>&1")
+
+
+# --- the deploy user's authorized_keys: merged, never replaced -----------------------
+
+KEY_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA operator-a"
+KEY_B = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB operator-b"
+KEY_CI = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCC ci"
+KEYS_PATH = "/home/coachntt/.ssh/authorized_keys"
+
+
+def keys_facts(content=None, meta="600 coachntt:coachntt"):
+    return {"content": missing if content is None else ok(content), "meta": ok(meta) if content is not None else missing}
+
+
+def test_keys_are_identified_by_type_and_blob_not_comment_or_options():
+    assert key_identity(KEY_A) == key_identity('from="10.0.0.0/8",no-pty ' + KEY_A.replace("operator-a", "laptop"))
+    assert key_identity("# " + KEY_A) is None
+    assert key_identity("") is None
+
+
+def test_no_file_gets_every_wanted_key():
+    (change,) = authorized_keys_step("coachntt", [KEY_CI, KEY_B]).plan(keys_facts()).changes
+    assert change.summary == f"add 2 key(s) to {KEYS_PATH}"
+    assert change.command.startswith("install -d -m 0700 -o coachntt -g coachntt /home/coachntt/.ssh")
+    assert "ci'" in change.command and "operator-b'" in change.command
+
+
+def test_a_second_operator_adds_their_key_and_keeps_the_others():
+    (change,) = authorized_keys_step("coachntt", [KEY_CI, KEY_B]).plan(keys_facts(f"{KEY_A}\n{KEY_CI}")).changes
+    assert change.summary == f"add 1 key(s) to {KEYS_PATH}, keeping the 2 already there"
+    assert "operator-b" in change.command
+    # Appends only: the file is never rewritten, so the lines already there cannot be lost.
+    assert "operator-a" not in change.command and "ci'" not in change.command
+    assert f">> {KEYS_PATH}" in change.command and f"> {KEYS_PATH}" not in change.command.replace(f">> {KEYS_PATH}", "")
+    assert change.diff == f"+{KEY_B}\n"
+
+
+def test_a_key_present_with_another_comment_or_options_is_not_added_again():
+    present = 'no-agent-forwarding ' + KEY_A.replace("operator-a", "old-laptop")
+    plan = authorized_keys_step("coachntt", [KEY_A]).plan(keys_facts(present))
+    assert plan.changes == ()
+    assert plan.reason == f"1 wanted key(s) present among 1 in {KEYS_PATH}"
+
+
+def test_a_commented_out_key_does_not_count_as_present():
+    plan = authorized_keys_step("coachntt", [KEY_A]).plan(keys_facts("# " + KEY_A))
+    assert summaries(plan) == [f"add 1 key(s) to {KEYS_PATH}"]
+    assert "grep -v '^[[:space:]]*#'" in commands(plan)[0]
+
+
+def test_the_same_key_wanted_twice_is_added_once():
+    (change,) = authorized_keys_step("coachntt", [KEY_A, KEY_A.replace("operator-a", "again")]).plan(keys_facts()).changes
+    assert change.summary == f"add 1 key(s) to {KEYS_PATH}"
+
+
+def test_present_keys_with_loose_mode_only_get_the_mode_fixed():
+    plan = authorized_keys_step("coachntt", [KEY_A]).plan(keys_facts(KEY_A, meta="644 root:root"))
+    assert commands(plan) == [f"chmod 0600 {KEYS_PATH} && chown coachntt:coachntt {KEYS_PATH}"]
+
+
+def test_the_append_script_keeps_existing_lines_and_adds_only_missing_keys(tmp_path):
+    """The plan's shell, run against a real file (paths and ownership mapped to tmp_path)."""
+    import getpass
+    import grp
+    import os
+
+    user, group = getpass.getuser(), grp.getgrgid(os.getgid()).gr_name
+    target = tmp_path / "authorized_keys"
+    target.write_text(f"{KEY_A}\n{KEY_CI}")  # no trailing newline: ours must not be glued on
+    (change,) = authorized_keys_step("coachntt", [KEY_CI, KEY_B]).plan(keys_facts(f"{KEY_A}\n{KEY_CI}")).changes
+    script = (change.command.replace("/home/coachntt/.ssh", str(tmp_path))
+              .replace("-o coachntt -g coachntt", f"-o {user} -g {group}").replace("coachntt:coachntt", f"{user}:{group}"))
+    subprocess.run(["sh", "-ec", script], check=True)
+    assert target.read_text() == f"{KEY_A}\n{KEY_CI}\n{KEY_B}\n"
+    subprocess.run(["sh", "-ec", script], check=True)  # run again: the grep guard adds nothing
+    assert target.read_text() == f"{KEY_A}\n{KEY_CI}\n{KEY_B}\n"
+
+
+# --- after the sshd reload: prove a new login, or put the old config back ------------
+
+
+def test_no_previous_drop_in_means_the_undo_removes_ours_and_reloads():
+    undo = sshd_undo(sshd_facts())
+    assert undo.summary == f"removed {SSHD_DROP_IN} and reloaded sshd"
+    assert undo.command.startswith(f"rm -f {SSHD_DROP_IN}\n")
+    assert "systemctl reload ssh.service" in undo.command
+
+
+def test_a_previous_drop_in_is_restored_from_the_backup_taken_when_it_was_replaced():
+    facts = sshd_facts(content=ok("PasswordAuthentication no"), meta=ok("644 root:root"))
+    undo = sshd_undo(facts)
+    assert undo.summary == f"restored the previous {SSHD_DROP_IN} and reloaded sshd"
+    assert undo.command.startswith(f"cp -p {backup_path(SSHD_DROP_IN)} {SSHD_DROP_IN}\n")
+    # The backup the write keeps is the one the undo reads.
+    (change,) = sshd_step().plan(facts).changes
+    assert f"cp -p {SSHD_DROP_IN} {backup_path(SSHD_DROP_IN)}" in change.command
+
+
+def test_the_sshd_plan_carries_its_undo():
+    plan = sshd_step().plan(sshd_facts())
+    assert plan.undo == sshd_undo(sshd_facts())
+
+
+class FakeOps:
+    def __init__(self, mocker, undo_result=None):
+        undo_result = undo_result or Result("", "", "", 0)
+        self.target = mocker.Mock(spec=RemoteTarget)
+        self.target.run.return_value = undo_result
+        self.settings = object()
+        self.reporter = mocker.Mock()
+
+
+UNDO = sshd_undo(sshd_facts())
+
+
+def test_a_new_login_that_works_leaves_the_hardening_in_place(mocker):
+    proof = mocker.Mock()
+    mocker.patch.object(secure, "second_login", return_value=proof)
+    ops = FakeOps(mocker)
+    prove_login_after_reload(ops, "coachntt", UNDO)
+    proof.run.assert_called_once_with("true")
+    proof.close.assert_called_once()
+    ops.target.run.assert_not_called()
+
+
+def test_a_refused_new_login_undoes_the_drop_in_at_once_and_says_what_was_undone(mocker):
+    second = mocker.patch.object(secure, "second_login", side_effect=AuthError("authentication failed for coachntt@h", "pass -i"))
+    ops = FakeOps(mocker)
+    with pytest.raises(OpsError) as info:
+        prove_login_after_reload(ops, "coachntt", UNDO)
+    assert second.call_count == 1, "a refused login is not retried (sshd penalises repeated failures)"
+    ops.target.run.assert_called_once_with(UNDO.command, sudo=True, check=False)
+    line = info.value.one_line()
+    assert line.startswith("a new login as coachntt failed after hardening sshd (authentication failed for coachntt@h); "
+                           f"removed {SSHD_DROP_IN} and reloaded sshd; ")
+    assert "\n" not in line and info.value.exit_code == 1
+
+
+def test_a_connection_that_cannot_open_is_retried_before_undoing(mocker):
+    mocker.patch.object(secure.time, "sleep")
+    proof = mocker.Mock()
+    mocker.patch.object(secure, "second_login", side_effect=[ConnectError("cannot reach h: connection refused"), proof])
+    ops = FakeOps(mocker)
+    prove_login_after_reload(ops, "coachntt", UNDO)
+    ops.target.run.assert_not_called()
+
+
+def test_an_undo_that_fails_too_says_so_and_points_at_the_console(mocker):
+    mocker.patch.object(secure, "second_login", side_effect=AuthError("authentication failed for coachntt@h"))
+    ops = FakeOps(mocker, undo_result=Result("", "", "Job for ssh.service failed.", 1))
+    with pytest.raises(OpsError) as info:
+        prove_login_after_reload(ops, "coachntt", UNDO)
+    assert "putting the old config back failed too (Job for ssh.service failed.)" in info.value.what
+    assert "provider's console" in info.value.hint
 
 
 # --- audit -----------------------------------------------------------------------
@@ -403,6 +657,12 @@ def test_unknown_sshd_values_fail_with_a_question_mark():
     assert detail(facts, "root login refused") == "PermitRootLogin ?"
 
 
+def test_sshd_on_another_port_is_not_an_unexpected_open_port():
+    facts = audit_facts(sshd=ok(SSHD_HARDENED.replace("port 22", "port 2222")),
+                        ufw=ok("Status: inactive"), listening=ok("LISTEN 0 128 0.0.0.0:2222 0.0.0.0:*"))
+    assert verdicts(facts)["no unexpected open ports"] is True
+
+
 def test_listener_on_all_addresses_behind_an_active_default_deny_firewall_passes():
     facts = audit_facts(listening=ok(LISTENING_HARDENED + "\nLISTEN 0 4096 0.0.0.0:8080 0.0.0.0:*"))
     assert verdicts(facts)["no unexpected open ports"] is True
@@ -442,17 +702,10 @@ def test_auto_upgrades_file_without_the_service_enabled_fails():
 # --- the task refuses before connecting -------------------------------------------
 
 
-def test_secure_refuses_a_firewall_without_ssh_with_exit_2_before_connecting(refused_before_connecting):
-    exit_ = refused_before_connecting(secure.secure, env={"COACHNTT_FIREWALL__ALLOW": "80/tcp,443/tcp"})
-    assert exit_.code == 2
-    assert exit_.message == (
-        "error: firewall.allow must keep SSH open, got ['80/tcp', '443/tcp']; add 22/tcp so you are not locked out"
-    )
-
-
-@pytest.mark.parametrize("ssh_rule", ["22", "OpenSSH", "ssh"])
-def test_ssh_may_be_named_by_port_or_profile(project_context, mocker, monkeypatch, ssh_rule):
-    """Past the firewall check the task looks for a key to install; with none it stops there."""
+@pytest.mark.parametrize("ssh_rule", ["22", "OpenSSH", "ssh", "80/tcp"])
+def test_firewall_allow_need_not_name_ssh(project_context, mocker, monkeypatch, ssh_rule):
+    """SSH ports are opened from what the host reports, so any allow list is accepted;
+    the task goes on to look for a key to install and, with none, stops there."""
     monkeypatch.setenv("COACHNTT_FIREWALL__ALLOW", f"{ssh_rule},80/tcp")
     mocker.patch.object(task_module, "target_for")
     mocker.patch.object(secure, "login_public_keys", return_value=[])
@@ -471,5 +724,6 @@ def test_user_and_group_names_are_quoted_in_every_command():
     assert step.probes["groups"] == f"id -nG '{hostile}'"
     for command in commands(step.plan({"groups": missing, "docker_group": ok()})):
         assert "$(touch" not in command.replace(f"'{hostile}'", "").replace(f"'sudo,{hostile}'", ""), command
-    (allow,) = commands(firewall_step(["22/tcp;ufw disable"]).plan({"status": ok("Status: active\ndeny (incoming)\nallow (outgoing)")}))
+    active = ufw_facts("Status: active\ndeny (incoming)\nallow (outgoing)\n22/tcp ALLOW IN Anywhere")
+    (allow,) = commands(firewall_step(["22/tcp;ufw disable"]).plan(active))
     assert allow == "ufw allow '22/tcp;ufw disable'"

@@ -260,3 +260,58 @@ def test_login_public_keys_come_from_the_pub_file_or_the_private_key(no_connect,
     keys = target.login_public_keys(RemoteTarget(connection, settings))
     assert keys == ["ssh-ed25519 AAAAfromthepubfile", public]
     assert target.login_public_keys(LocalTarget(invoke.Context())) == []
+
+
+# --- one connection per host for the whole run --------------------------------
+
+
+def test_a_run_reuses_its_open_connection_for_the_next_task(no_connect, settings, mocker):
+    """fab -H root@HOST secure deps: deps must not log in again (root login is off by then)."""
+    mocker.patch.object(fabric.Connection, "is_connected", new_callable=mocker.PropertyMock, return_value=True)
+    first = target_for(fabric.Connection("root@203.0.113.21"), settings)
+    second = target_for(fabric.Connection("root@203.0.113.21"), settings)
+    assert second is first
+    assert no_connect.call_count == 1
+    close = mocker.patch.object(first.connection, "close")
+    first.close()  # what Ops.finish does after each task
+    close.assert_not_called()
+    target.close_run_connections()  # at process exit
+    close.assert_called_once()
+
+
+def test_another_user_or_port_gets_its_own_connection(no_connect, settings, mocker):
+    mocker.patch.object(fabric.Connection, "is_connected", new_callable=mocker.PropertyMock, return_value=True)
+    root = target_for(fabric.Connection("root@203.0.113.22"), settings)
+    assert target_for(fabric.Connection("coachntt@203.0.113.22"), settings) is not root
+    assert target_for(fabric.Connection("root@203.0.113.22:2222"), settings) is not root
+    target.close_run_connections()
+
+
+def test_a_dropped_connection_is_opened_again(no_connect, settings):
+    first = target_for(fabric.Connection("root@203.0.113.23"), settings)  # never really connected
+    assert target_for(fabric.Connection("root@203.0.113.23"), settings) is not first
+    assert no_connect.call_count == 2
+    target.close_run_connections()
+
+
+def test_a_second_login_is_its_own_connection_and_really_closes(no_connect, settings, mocker):
+    from fabfile.core.target import second_login
+
+    run = target_for(fabric.Connection("root@203.0.113.24"), settings)
+    proof = second_login(run, settings, "coachntt")
+    close = mocker.patch.object(proof.connection, "close")
+    proof.close()
+    close.assert_called_once()
+    target.close_run_connections()
+
+
+def test_refused_root_login_suggests_the_deploy_user(settings, mocker):
+    import paramiko
+
+    from fabfile.core.errors import AuthError
+
+    mocker.patch.object(target, "open_hardened", side_effect=paramiko.AuthenticationException("no"))
+    with pytest.raises(AuthError) as info:
+        RemoteTarget(fabric.Connection("root@203.0.113.25:2222"), settings)
+    assert info.value.what == "authentication failed for root@203.0.113.25:2222"
+    assert "root login is now off: continue with fab -H coachntt@203.0.113.25:2222" in info.value.hint
