@@ -54,7 +54,9 @@ run)
         timeout --kill-after=10 "$timeout" sh -c "$command" < /dev/null
         status=$?
         echo "$status" > "$lock/job.status.new" && mv "$lock/job.status.new" "$lock/job.status"
-        if ! alive "$waiter" || [ -e "$lock/client-left" ]; then record "$entry" "$status"; fi
+        # job.waiter, not the first waiter: a client that was interrupted and waits
+        # again (release-job.sh wait) takes over, and is still there to settle it.
+        if ! alive "$(cat "$lock/job.waiter")" || [ -e "$lock/client-left" ]; then record "$entry" "$status"; fi
     ' release-job "$lock" "$$" "$timeout" "$command" "$entry" "$log" "$shared_functions" > "$lock/job.out" 2> "$lock/job.err" < /dev/null &
     beats=0
     while [ ! -f "$lock/job.status" ]; do
@@ -73,7 +75,11 @@ run)
 wait)
     seconds=$3
     end=$(( $(date +%s) + seconds ))
-    while running && [ "$(date +%s)" -lt "$end" ]; do sleep 0.5; done
+    [ ! -d "$lock" ] || echo $$ > "$lock/job.waiter"
+    while running && [ "$(date +%s)" -lt "$end" ]; do
+        sleep 0.5
+        printf ' ' >&2 || exit 141  # the client went away again: let the phase record it
+    done
     if running; then echo "running $(cat "$lock/job.phase") $(cat "$lock/job.pid")"; exit 4; fi
     echo "finished $(cat "$lock/job.phase" 2>/dev/null || echo none) $(cat "$lock/job.status" 2>/dev/null || echo -)"
     ;;

@@ -28,6 +28,7 @@ from typing import Any
 
 import paramiko
 from fabric import Connection
+from fabric.runners import Remote
 from invoke.exceptions import CommandTimedOut
 
 from . import redact
@@ -175,6 +176,16 @@ class LocalTarget(Target):
         self.run(f"cp {shlex.quote(remote)} {shlex.quote(str(local))}")
 
 
+class CutOffRemote(Remote):
+    """Fabric's runner, but Ctrl-C (or SIGTERM) without a pty stops our reading at
+    once: the channel is closed, so the run can go on (put things in order, leave)
+    instead of waiting for the remote command to end. That command goes on."""
+
+    def send_interrupt(self, interrupt: KeyboardInterrupt) -> None:
+        self.channel.close()
+        raise interrupt
+
+
 class RemoteTarget(Target):
     """A host over exactly one SSH connection, opened with our safety settings."""
 
@@ -185,6 +196,7 @@ class RemoteTarget(Target):
         self.login_user = connection.user
         self.is_root = connection.user == "root"
         self.kept_for_run = False
+        connection.config.runners.remote = CutOffRemote
         environ = os.environ if environ is None else environ
         try:
             open_hardened(connection, settings, accept_new=environ.get("COACHNTT_ACCEPT_NEW_HOST_KEY") == "1")
