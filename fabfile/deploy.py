@@ -29,6 +29,7 @@ secrets, state and backup directories). `deploy.history` shows the release log,
 from __future__ import annotations
 
 import shlex
+import time
 
 from invoke import Collection
 
@@ -288,7 +289,12 @@ def recover(ops, wait=600):
         ops.reporter.info("  the deploy lock is free: nothing to recover")
         return
     held, info = adopted
-    if info.client_connected:
+    for _ in range(5):  # a client that just died takes sshd a moment to notice
+        if not info.client_connected or info.client_left:
+            break
+        time.sleep(1)
+        info = lock.read(ops.target, app.state_dir) or info
+    if info.client_connected and not info.client_left:
         raise LockHeldError(f"the release of {info.describe()} is still followed by its client",
                             "let it finish; `deploy.recover` is for a run that was cut off")
     if ops.dry:

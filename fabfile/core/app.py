@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 from . import lock, redact, state, templates
 from .batch import ProbeResult, gather
-from .errors import ConfigError, Interrupted, LeftRunning, OpsError, Stop, UsageError
+from .errors import ConfigError, Interrupted, LeftRunning, OpsError, Stop, UsageError, from_connection_failure
 from .settings import Settings
 from .target import Target, command_failed
 
@@ -255,6 +255,12 @@ def release_lock(ops, app: App, sha: str, message: str, *, wait: int = 0) -> Ite
             yield held
         except KeyboardInterrupt as stop:
             stop_cleanly(ops, app, held, stop)
+        except OpsError:
+            raise
+        except Exception as exc:  # the connection died between two phases
+            if from_connection_failure(exc, held.label) is None:
+                raise
+            raise held.lost(str(exc) or type(exc).__name__) from None
 
 
 @contextmanager

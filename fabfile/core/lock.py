@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from . import state, templates
-from .errors import ConnectionLost, LockHeldError, OpsError, RemoteCommandError
+from .errors import ConnectionLost, LockHeldError, OpsError, RemoteCommandError, from_connection_failure
 from .target import Result, Target, command_failed
 
 LOCK_SCRIPT = f"sh -c {shlex.quote(templates.script('deploy-lock.sh'))} deploy-lock"
@@ -116,6 +116,12 @@ class HeldLock(Target):
         except RemoteCommandError as exc:
             # Only the client gave up (the server ends the phase at `limit`): it may still run there.
             raise self.lost(str(exc.what)) from None
+        except OpsError:
+            raise
+        except Exception as exc:  # the connection died under us (socket, SSH transport)
+            if from_connection_failure(exc, self.label) is None:
+                raise
+            raise self.lost(str(exc) or type(exc).__name__) from None
         self.round_trips += 1
         result = Result(command, outcome.stdout, outcome.stderr.strip(), outcome.exit_status)
         if check and not result.ok:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import getpass
 import io
+import logging
 import os
 import secrets
 import shlex
@@ -176,6 +177,11 @@ class LocalTarget(Target):
         self.run(f"cp {shlex.quote(remote)} {shlex.quote(str(local))}")
 
 
+# paramiko logs a dying transport ("Socket exception: ...") to stderr by itself;
+# we say it once, in our own one-line error.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
+
 class CutOffRemote(Remote):
     """Fabric's runner, but Ctrl-C (or SIGTERM) without a pty stops our reading at
     once: the channel is closed, so the run can go on (put things in order, leave)
@@ -212,6 +218,9 @@ class RemoteTarget(Target):
 
     def _execute(self, command: str, timeout: int | None) -> Result:
         r = self.connection.run(command, hide=True, warn=True, in_stream=False, timeout=timeout)
+        if r.exited == -1 and not self.connection.is_connected:
+            # paramiko's "no exit status": the transport died under the command.
+            raise ConnectionResetError(f"the SSH connection to {self.label} closed")
         return Result(command, r.stdout, r.stderr, r.exited)
 
     def _upload_script(self, script: str) -> str:
