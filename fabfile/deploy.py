@@ -238,6 +238,8 @@ def ship(ops, app: App, held: lock.HeldLock, release: state.Release, good: list[
                 report_failed_gate(ops.reporter, gate)
                 raise OpsError(f"/health did not answer 200 within {app.health_deadline}s")
     except OpsError as exc:
+        if exc.keeps_lock:  # cut off: nothing to roll back from here, recover settles it
+            raise
         roll_back_after_failure(ops, app, held, release, good, exc)
     release.result, release.finished = state.RESULT_OK, state.now()
     state.append(ops.target, app.state_dir, release)
@@ -269,6 +271,8 @@ def roll_back_after_failure(ops, app: App, held: lock.HeldLock, release: state.R
             if not gate.passed:
                 report_failed_gate(ops.reporter, gate)
     except OpsError as rollback_exc:
+        if rollback_exc.keeps_lock:
+            raise
         release.message = f"{why}; the rollback to {fallback[:12]} failed too: {rollback_exc.one_line()}"
         state.append(ops.target, app.state_dir, release)
         raise OpsError(f"{what}; the rollback to {fallback[:12]} failed too ({rollback_exc.what})",

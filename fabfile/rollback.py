@@ -120,6 +120,8 @@ def rollback(ops, to="", with_db=False, yes=False, break_lock=False, lock_wait=0
             with phase(ops, held, f"switch to {target_sha[:12]}"):
                 switch_to(held, app, target_sha, recreate=True)
         except OpsError as exc:
+            if exc.keeps_lock:  # cut off: recover finishes it
+                raise
             entry.result, entry.finished, entry.phase, entry.message = state.RESULT_FAILED, state.now(), held.phase, exc.one_line()
             state.append(ops.target, app.state_dir, entry)
             raise
