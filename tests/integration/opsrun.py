@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -68,6 +69,32 @@ def host_state(host) -> str:
     assert code == 0, out
     return out
 
+
+
+OVERRIDE = PROJECT_DIR / "configs" / "sandbox" / "compose.sandbox.yml"
+OVERRIDE_ON_HOST = "/etc/coachntt-sandbox/compose.sandbox.yml"
+
+
+def ready_for_the_app(host) -> None:
+    """A provisioned host made ready to deploy examples/app: the container images
+    loaded, the sandbox's compose override in place (no CPU limits in guests), secured."""
+    from fabfile.sandbox import images
+
+    images.load_images(host)
+    payload = base64.b64encode(OVERRIDE.read_bytes()).decode()
+    code, out = console(host, f"mkdir -p {Path(OVERRIDE_ON_HOST).parent} && echo {payload} | base64 -d > {OVERRIDE_ON_HOST}")
+    assert code == 0, out
+    secured = fab(host, "secure")
+    assert secured.returncode == 0, secured.stdout + secured.stderr
+
+
+def app_settings(git) -> dict:
+    """The settings a test deploys examples/app with, from the sandbox's git daemon."""
+    return {
+        "COACHNTT_APP__REPO": git.url("app"),
+        "COACHNTT_APP__COMPOSE_OVERRIDES": OVERRIDE_ON_HOST,
+        "COACHNTT_APP__HEALTH_DEADLINE": "25",
+    }
 
 
 DEBIAN_RUNTIME = "python3-fabric python3-invoke python3-dotenv python3-jinja2 python3-yaml"

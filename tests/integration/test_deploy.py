@@ -7,7 +7,6 @@ automatically, the lock refusing a concurrent deploy, rollbacks.
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -15,12 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from fabfile.sandbox import example_repo, images
+from fabfile.sandbox import example_repo
 from fabfile.sandbox.example_repo import GitDaemon
-from opsrun import PROJECT_DIR, console, fab
+from opsrun import app_settings, console, fab, ready_for_the_app
 
-OVERRIDE = PROJECT_DIR / "configs" / "sandbox" / "compose.sandbox.yml"
-OVERRIDE_ON_HOST = "/etc/coachntt-sandbox/compose.sandbox.yml"
 MIGRATION_2 = "ALTER TABLE notes ADD COLUMN IF NOT EXISTS pinned boolean NOT NULL DEFAULT false;\n"
 
 
@@ -52,22 +49,12 @@ class Service:
 @pytest.fixture(scope="module")
 def service(vps_factory_module, tmp_path_factory):
     host = vps_factory_module(flavour="provisioned")
-    images.load_images(host)
-    payload = base64.b64encode(OVERRIDE.read_bytes()).decode()
-    code, out = console(host, f"mkdir -p {Path(OVERRIDE_ON_HOST).parent} && echo {payload} | base64 -d > {OVERRIDE_ON_HOST}")
-    assert code == 0, out
-    secured = fab(host, "secure")
-    assert secured.returncode == 0, secured.stdout + secured.stderr
-
+    ready_for_the_app(host)
     served = tmp_path_factory.mktemp("git")
     repo = served / "app"
     first = example_repo.make_example_repo(repo)
     with GitDaemon(served) as git:
-        env = {
-            "COACHNTT_APP__REPO": git.url("app"),
-            "COACHNTT_APP__COMPOSE_OVERRIDES": OVERRIDE_ON_HOST,
-            "COACHNTT_APP__HEALTH_DEADLINE": "25",
-        }
+        env = app_settings(git)
         svc = Service(host, repo, env)
         svc.shas["A"] = first
         yield svc

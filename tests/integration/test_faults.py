@@ -20,18 +20,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from fabfile.sandbox import example_repo, images
+from fabfile.sandbox import example_repo
 from fabfile.sandbox.example_repo import GitDaemon
 from fabfile.sandbox.hosts import veth_name
 from fabfile.sandbox.network import port_open
-from opsrun import BIN, PROJECT_DIR, console, fab, host_state, ssh, ssh_retrying
+from opsrun import BIN, OVERRIDE_ON_HOST, PROJECT_DIR, app_settings, console, fab, host_state, ready_for_the_app, ssh, ssh_retrying
 
 # =============================================================================
 # deploy and rollback: interrupted, cut off, out of disk, missing preconditions
 # =============================================================================
 
-OVERRIDE = PROJECT_DIR / "configs" / "sandbox" / "compose.sandbox.yml"
-OVERRIDE_ON_HOST = "/etc/coachntt-sandbox/compose.sandbox.yml"
 STATE = "/var/lib/coachntt-ops"
 LOCK = f"{STATE}/deploy.lock"
 HEALTH = "/usr/bin/curl -s -m 5 http://127.0.0.1:8000/health"
@@ -170,12 +168,7 @@ def assert_one_line(err: str, *needles: str, out: str = "") -> str:
 @pytest.fixture(scope="module")
 def service(vps_factory_module, tmp_path_factory):
     host = vps_factory_module(flavour="provisioned")
-    images.load_images(host)
-    payload = base64.b64encode(OVERRIDE.read_bytes()).decode()
-    code, out = console(host, f"mkdir -p {Path(OVERRIDE_ON_HOST).parent} && echo {payload} | base64 -d > {OVERRIDE_ON_HOST}")
-    assert code == 0, out
-    secured = fab(host, "secure")
-    assert secured.returncode == 0, secured.stdout + secured.stderr
+    ready_for_the_app(host)
     shim = base64.b64encode(HOLD_SHIM.encode()).decode()
     code, out = console(host, f"echo {shim} | base64 -d > /usr/local/lib/fault-hold && chmod 755 /usr/local/lib/fault-hold && "
                               "for c in git docker curl; do ln -sf /usr/local/lib/fault-hold /usr/local/bin/$c; done")
@@ -185,11 +178,7 @@ def service(vps_factory_module, tmp_path_factory):
     repo = served / "app"
     first = example_repo.make_example_repo(repo)
     with GitDaemon(served) as git:
-        env = {
-            "COACHNTT_APP__REPO": git.url("app"),
-            "COACHNTT_APP__COMPOSE_OVERRIDES": OVERRIDE_ON_HOST,
-            "COACHNTT_APP__HEALTH_DEADLINE": "25",
-        }
+        env = app_settings(git)
         svc = Service(host, repo, env)
         for args in (("deploy.setup",), ("deploy", "--sha", first)):
             result = svc.fab(*args)
@@ -358,7 +347,7 @@ def test_disk_full_during_backup_stops_before_any_change(service):
         service.sh("umount /backups && rm -rf /tmp/backups-saved && "
                    "docker exec ccp_postgres psql -q -U coachntt -d coachntt_prod -c 'DROP TABLE ballast'")
     service.assert_settled(before)
-    assert service.sh("git -C /opt/coachntt rev-parse HEAD") == before, "the checkout did not move"
+    assert service.sh("sudo -u coachntt git -C /opt/coachntt rev-parse HEAD") == before, "the checkout did not move"
     last = service.log()[-1]
     assert (last["sha"], last["result"], last["phase"]) == (new, "failed", "backup database"), last
 
@@ -397,7 +386,7 @@ def test_missing_preconditions_are_refused_in_preflight_changing_nothing(service
         result = service.fab("deploy", "--sha", new)
         assert result.returncode == expected_code, result.stdout + result.stderr
         assert_one_line(result.stderr, words)
-        assert service.sh("git -C /opt/coachntt rev-parse HEAD") == before, "nothing changed"
+        assert service.sh("sudo -u coachntt git -C /opt/coachntt rev-parse HEAD") == before, "nothing changed"
         assert service.sh(f"sha256sum {STATE}/releases.jsonl") == log_before
         assert not service.lock_held()
     finally:
