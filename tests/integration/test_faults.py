@@ -347,7 +347,7 @@ def test_disk_full_during_backup_stops_before_any_change(service):
         service.sh("umount /backups && rm -rf /tmp/backups-saved && "
                    "docker exec ccp_postgres psql -q -U coachntt -d coachntt_prod -c 'DROP TABLE ballast'")
     service.assert_settled(before)
-    assert service.sh("sudo -u coachntt git -C /opt/coachntt rev-parse HEAD") == before, "the checkout did not move"
+    assert service.sh("sudo -u coachntt git -C /opt/coachntt rev-parse HEAD").strip() == before, "the checkout did not move"
     last = service.log()[-1]
     assert (last["sha"], last["result"], last["phase"]) == (new, "failed", "backup database"), last
 
@@ -386,7 +386,7 @@ def test_missing_preconditions_are_refused_in_preflight_changing_nothing(service
         result = service.fab("deploy", "--sha", new)
         assert result.returncode == expected_code, result.stdout + result.stderr
         assert_one_line(result.stderr, words)
-        assert service.sh("sudo -u coachntt git -C /opt/coachntt rev-parse HEAD") == before, "nothing changed"
+        assert service.sh("sudo -u coachntt git -C /opt/coachntt rev-parse HEAD").strip() == before, "nothing changed"
         assert service.sh(f"sha256sum {STATE}/releases.jsonl") == log_before
         assert not service.lock_held()
     finally:
