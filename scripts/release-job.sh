@@ -48,16 +48,16 @@ run)
     [ -z "$entry" ] || printf '%s\n' "$entry" > "$lock/release.json"
     # setsid: a session of its own, out of reach of the ssh session's end.
     setsid sh -c '
-        lock=$1 waiter=$2 timeout=$3 command=$4 entry=$5 log=$6
+        lock=$1 timeout=$2 command=$3 entry=$4 log=$5
         echo $$ > "$lock/job.pid"
-        eval "$7"
+        eval "$6"
         timeout --kill-after=10 "$timeout" sh -c "$command" < /dev/null
         status=$?
         echo "$status" > "$lock/job.status.new" && mv "$lock/job.status.new" "$lock/job.status"
         # job.waiter, not the first waiter: a client that was interrupted and waits
         # again (release-job.sh wait) takes over, and is still there to settle it.
         if ! alive "$(cat "$lock/job.waiter")" || [ -e "$lock/client-left" ]; then record "$entry" "$status"; fi
-    ' release-job "$lock" "$$" "$timeout" "$command" "$entry" "$log" "$shared_functions" > "$lock/job.out" 2> "$lock/job.err" < /dev/null &
+    ' release-job "$lock" "$timeout" "$command" "$entry" "$log" "$shared_functions" > "$lock/job.out" 2> "$lock/job.err" < /dev/null &
     beats=0
     while [ ! -f "$lock/job.status" ]; do
         if [ -f "$lock/job.pid" ] && ! alive "$(cat "$lock/job.pid")"; then

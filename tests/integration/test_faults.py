@@ -238,17 +238,22 @@ def test_sigkill_mid_migration_keeps_the_lock_until_recover_settles_it(service):
     assert "is back and healthy" in recovered.stdout
     service.assert_settled(before)
     assert "written before any fault" in service.notes()
+    status = service.fab("deploy.status")
+    assert f"running     {before[:12]}" in status.stdout, "status names what runs, not only the checkout"
 
 
-def test_sigterm_as_ci_sends_it_leaves_at_once_and_recover_settles(service):
+@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)], ids=["sigterm-as-ci-sends-it", "two-ctrl-c"])
+def test_leaving_at_once_keeps_the_lock_and_recover_settles(service, signals):
     before, new = service.live(), service.new_sha()
     name = service.hold("checkout + build")
     run = service.start("deploy", "--sha", new)
     service.wait_reached(name, run)
-    os.killpg(run.pid, signal.SIGTERM)
+    for sig in signals:
+        os.killpg(run.pid, sig)
+        time.sleep(1)
     code, out, err = finish(run, timeout=60)
     assert code == 130, out + err
-    assert_one_line(err, "interrupted during checkout + build", "deploy.recover")
+    assert_one_line(err, "interrupted during checkout + build", "deploy.recover", out=out)
     assert service.lock_held(), "(c) the build still runs: the lock stays"
     service.let_go(name)
     recovered = service.fab("deploy.recover")
