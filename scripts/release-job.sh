@@ -53,10 +53,12 @@ run)
         eval "$6"
         timeout --kill-after=10 "$timeout" sh -c "$command" < /dev/null
         status=$?
-        echo "$status" > "$lock/job.status.new" && mv "$lock/job.status.new" "$lock/job.status"
+        # Decide before the status is written: the waiter leaves as soon as it
+        # sees the status, and must not be taken for a client that is gone.
         # job.waiter, not the first waiter: a client that was interrupted and waits
         # again (release-job.sh wait) takes over, and is still there to settle it.
         if ! alive "$(cat "$lock/job.waiter")" || [ -e "$lock/client-left" ]; then record "$entry" "$status"; fi
+        echo "$status" > "$lock/job.status.new" && mv "$lock/job.status.new" "$lock/job.status"
     ' release-job "$lock" "$timeout" "$command" "$entry" "$log" "$shared_functions" > "$lock/job.out" 2> "$lock/job.err" < /dev/null &
     beats=0
     while [ ! -f "$lock/job.status" ]; do
