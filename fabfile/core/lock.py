@@ -122,7 +122,6 @@ class HeldLock(Target):
             if from_connection_failure(exc, self.label) is None:
                 raise
             raise self.lost(str(exc) or type(exc).__name__) from None
-        self.round_trips += 1
         result = Result(command, outcome.stdout, outcome.stderr.strip(), outcome.exit_status)
         if check and not result.ok:
             raise command_failed(result, self.label)

@@ -264,7 +264,13 @@ def test_leaving_at_once_keeps_the_lock_and_recover_settles(service, signals):
 
 
 def cut_link(host, up: bool) -> None:
+    """The host's cable: its veth on this machine's bridge, down or up again."""
     subprocess.run(["ip", "link", "set", veth_name(host.name), "up" if up else "down"], check=True)
+    # Neighbour entries that failed during the cut take a moment to return. A real
+    # login probes it: a bare TCP probe would earn a PerSourcePenalties refusal.
+    deadline = time.monotonic() + 30
+    while up and ssh(host, "true", user="coachntt").returncode != 0 and time.monotonic() < deadline:
+        time.sleep(1)
 
 
 def test_network_cut_mid_deploy_is_reported_and_recovered_when_it_is_back(service):
