@@ -22,7 +22,8 @@ Runbook:
     backup.prune [--dry]          retention (core/retention.py): backup.keep_daily /
                                   keep_weekly / keep_monthly; never the newest verified
                                   one nor a dump `rollback --with-db` may still need;
-                                  <db>_before_* databases older than keep_daily days dropped
+                                  <db>_before_* databases older than keep_daily days and
+                                  leftovers of cut-off restores older than a day dropped
 `backup.schedule` and `backup.pull` arrive with the rest of the backup issue.
 """
 

@@ -7,8 +7,10 @@
                      before each release `rollback.list` still offers (what
                      `rollback --with-db` would restore)
 
-Databases a restore set aside (<db>_before_<stamp>) are dropped once they are
-older than keep_daily days: by then the daily backups cover that span.
+Databases a restore set aside (<db>_before_<stamp>, <db>_failed_<stamp>) are
+dropped once they are older than keep_daily days: by then the daily backups
+cover that span. Leftovers of a restore or verify that was cut off
+(<db>_restore_<stamp>, <db>_verify_<stamp>) never held live data: dropped after a day.
 """
 
 from __future__ import annotations
@@ -85,14 +87,15 @@ def protected_backups(log: list[state.Release], backup_dir: str, newest_verified
 
 
 def stale_set_aside(databases: Iterable[str], db_name: str, now: datetime, days: int) -> list[str]:
-    """<db>_before_<stamp> databases older than `days` days (0: none are dropped)."""
-    pattern = re.compile(re.escape(db_name) + r"_before_(\d{8}_\d{6})")
+    """Set-aside databases older than `days` days (0: kept), scratch ones older than a day."""
+    pattern = re.compile(re.escape(db_name) + r"_(before|failed|restore|verify)_(\d{8}_\d{6})")
     stale = []
     for database in databases:
         found = pattern.fullmatch(database)
-        if not found or days <= 0:
+        if not found:
             continue
-        when = datetime.strptime(found.group(1), "%Y%m%d_%H%M%S").replace(tzinfo=UTC)
-        if now - when > timedelta(days=days):
+        limit = days if found.group(1) in ("before", "failed") else 1
+        when = datetime.strptime(found.group(2), "%Y%m%d_%H%M%S").replace(tzinfo=UTC)
+        if limit > 0 and now - when > timedelta(days=limit):
             stale.append(database)
     return sorted(stale)

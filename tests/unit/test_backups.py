@@ -176,9 +176,11 @@ def test_the_dumps_rollback_may_still_restore_are_protected():
 def test_set_aside_databases_go_after_keep_daily_days():
     now = datetime(2026, 12, 10, tzinfo=UTC)
     names = ["coachntt_prod", "coachntt_prod_before_20261201_000000", "coachntt_prod_before_20261209_000000",
-             "coachntt_prod_restore_20261101_000000", "other_before_20261101_000000", "postgres"]
-    assert retention.stale_set_aside(names, "coachntt_prod", now, 7) == ["coachntt_prod_before_20261201_000000"]
-    assert retention.stale_set_aside(names, "coachntt_prod", now, 0) == []
+             "coachntt_prod_restore_20261208_000000", "coachntt_prod_verify_20261209_120000",
+             "coachntt_prod_failed_20261101_000000", "other_before_20261101_000000", "postgres"]
+    assert retention.stale_set_aside(names, "coachntt_prod", now, 7) == [
+        "coachntt_prod_before_20261201_000000", "coachntt_prod_failed_20261101_000000", "coachntt_prod_restore_20261208_000000"]
+    assert retention.stale_set_aside(names, "coachntt_prod", now, 0) == ["coachntt_prod_restore_20261208_000000"]
 
 
 # --- the script's contract ---------------------------------------------------------
