@@ -9,7 +9,7 @@ Runbook:
                                   A failure leaves no file. Warns when the dump is under
                                   half the previous one.
     backup.list                   name, kind, size, age, checksum, last verification
-    backup.verify NAME|--latest   checksum, restore into a scratch database, tables and
+    backup.verify NAME|latest     checksum, restore into a scratch database, tables and
                                   row counts against the manifest, scratch dropped, the
                                   outcome recorded beside the backup
     backup.restore NAME --yes     under the deploy lock, in phases:
@@ -96,8 +96,8 @@ def list_(ops):
 # -- verify -------------------------------------------------------------------------
 
 
-def chosen(ops, app: App, name: str, latest: bool) -> str:
-    if latest:
+def chosen(ops, app: App, name: str) -> str:
+    if name == LATEST:
         found = read_backups(ops.target, app)
         if not found:
             raise UsageError(f"no backups in {app.backup_dir} on {ops.where}", "take one with `backup.now`")
@@ -105,15 +105,18 @@ def chosen(ops, app: App, name: str, latest: bool) -> str:
     return name
 
 
-@ops_task(help={"name": "the backup (from backup.list)", "latest": "the newest backup"})
-def verify(ops, name="", latest=False):
+# invoke has no optional positional arguments: NAME is required, and `latest` names the newest.
+LATEST = "latest"
+
+
+@ops_task(positional=["name"], help={"name": "the backup (from backup.list), or `latest` for the newest"})
+def verify(ops, name=None):
     """Prove a backup restores: checksum, restore into a scratch database, compare with its manifest."""
-    if name and latest:
-        raise UsageError("give a NAME or --latest, not both", "see `backup.list`")
-    if not latest:
+    name = name or ""  # None, not "": invoke fills a positional argument only while it is None
+    if name != LATEST:
         backups.validate_name(name)
     app = App.from_settings(ops.settings)
-    name = chosen(ops, app, name, latest)
+    name = chosen(ops, app, name)
     if ops.dry:
         ops.reporter.info(f"  would restore {name} into a scratch database, compare it with its manifest and drop it")
         return
@@ -138,14 +141,15 @@ def verify(ops, name="", latest=False):
 # -- restore ------------------------------------------------------------------------
 
 
-@ops_task(help={
+@ops_task(positional=["name"], help={
     "name": "the backup to restore (from backup.list)",
     "yes": "confirm: the live database is replaced (and kept as <db>_before_<stamp>)",
     "break_lock": "remove a deploy lock whose holder is gone (never one whose work still runs)",
     "lock_wait": "seconds to wait for a running release to finish",
 })
-def restore(ops, name="", yes=False, break_lock=False, lock_wait=0):
+def restore(ops, name=None, yes=False, break_lock=False, lock_wait=0):
     """Restore a backup without ever losing the live database: new database, check, swap, gate."""
+    name = name or ""  # None, not "": invoke fills a positional argument only while it is None
     backups.validate_name(name)
     app = App.from_settings(ops.settings)
     replaces = (f"backup.restore replaces the database {app.db_name} on {ops.where} with {name} "

@@ -55,7 +55,7 @@ MAX_DB_NAME_FOR_RESTORE = 63 - len("_before_20261201_210455")
 def validate_name(name: str) -> str:
     """A backup's file name, refused before connecting unless it is one of ours."""
     if not name:
-        raise UsageError("name a backup (or pass --latest)", "see `backup.list`")
+        raise UsageError("name a backup (or `latest` for backup.verify)", "see `backup.list`")
     if "/" in name or ".." in name:
         raise UsageError(f"'{name}' is not a backup name: a name has no '/' or '..'", "give a name from `backup.list`")
     if not _NAME.fullmatch(name):

@@ -136,7 +136,7 @@ def test_a_backup_is_whole_checked_and_listed(service):
     line = service.listed()[name]
     assert "manual" in line and "never verified" in line, line
 
-    verified = service.fab("backup.verify", "--latest")
+    verified = service.fab("backup.verify", "latest")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "ok " in service.listed()[name]
     assert not [d for d in service.databases() if "_verify_" in d], "the scratch database is dropped"
@@ -306,7 +306,7 @@ def test_a_stopped_database_container_is_said_plainly(service):
     before = service.backups()
     service.sh("docker stop ccp_postgres >/dev/null")
     try:
-        for args in (("backup.now",), ("backup.verify", "--latest")):
+        for args in (("backup.now",), ("backup.verify", "latest")):
             result = service.fab(*args)
             assert result.returncode == 1, result.stdout + result.stderr
             one_line(result, "ccp_postgres is not running", "start it")

@@ -239,7 +239,7 @@ def test_min_free_mb_is_a_validated_setting(defaults):
     (backup_module.restore, {"name": ""}, "name a backup"),
     (backup_module.verify, {"name": "x/y"}, "no '/' or '..'"),
     (backup_module.verify, {}, "name a backup"),
-    (backup_module.verify, {"name": "db_20261201_010000_manual.dump", "latest": True}, "not both"),
+    (backup_module.verify, {"name": "--latest"}, "not a backup name"),
     (backup_module.now, {"label": "a b"}, "--label"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_connecting(refused_before_connecting, task, kwargs, words):
@@ -255,3 +255,10 @@ def test_restore_without_yes_says_what_would_be_replaced(refused_before_connecti
 def test_schedule_and_pull_are_still_placeholders(refused_before_connecting):
     assert refused_before_connecting(backup_module.ns.tasks["schedule"]).code == 2
     assert refused_before_connecting(backup_module.ns.tasks["pull"]).code == 2
+
+
+def test_verify_and_restore_take_the_name_as_a_positional_argument():
+    # invoke fills a positional argument only while its value is None.
+    for task in (backup_module.verify, backup_module.restore):
+        name = next(arg for arg in task.get_arguments() if arg.name == "name")
+        assert name.positional and name.default is None
