@@ -50,6 +50,10 @@ psql_in() {  # psql_in CONTAINER USER DB ARGS...: quiet, unaligned, stop at the 
     docker exec -i "$container" psql -X -q -At -v ON_ERROR_STOP=1 -U "$user" -d "$db" "$@"
 }
 
+stopped() {  # stopped CONTAINER WHY: WHY, led by "the container stopped" when it did
+    if [ "$(docker inspect -f '{{.State.Running}}' "$1" 2>/dev/null)" = "true" ]; then echo "$2"; else echo "the container $1 stopped ($2)"; fi
+}
+
 require_container() {
     if [ "$(docker inspect -f '{{.State.Running}}' "$1" 2>/dev/null)" != "true" ]; then
         echo "no running database container $1" >&2
@@ -103,15 +107,14 @@ dump() {
     printf '%s\n' "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;" "SELECT pg_export_snapshot();" "$COUNTS_SQL" >&"${SNAP[1]}"
     IFS= read -r -t 600 snapshot <&"${SNAP[0]}" || snapshot=""
     IFS= read -r -t 3600 facts <&"${SNAP[0]}" || facts=""
-    [[ "$snapshot" =~ ^[0-9A-Fa-f-]+$ ]] || fail "cannot read a snapshot of $db in $container: ${snapshot:-no answer}"
-    [[ "$facts" == "{"* ]] || fail "cannot count the rows of $db in $container: ${facts:-no answer}"
+    [[ "$snapshot" =~ ^[0-9A-Fa-f-]+$ ]] || fail "cannot read a snapshot of $db: $(stopped "$container" "${snapshot:-no answer}")"
+    [[ "$facts" == "{"* ]] || fail "cannot count the rows of $db: $(stopped "$container" "${facts:-no answer}")"
 
     if ! docker exec "$container" pg_dump -Fc --snapshot="$snapshot" -U "$user" -d "$db" > "$tmp" 2> "$err"; then
         why=$(grep -v '^ *$' "$err" | tail -n 1)
         free_kb=$(df -Pk "$dir" | awk 'NR == 2 {print $4}')
         [ "$free_kb" -ge 1024 ] || why="no space left in $dir${why:+ ($why)}"
-        [ "$(docker inspect -f '{{.State.Running}}' "$container" 2>/dev/null)" = "true" ] || why="the container $container stopped${why:+ ($why)}"
-        fail "pg_dump of $db failed: ${why:-no message}"
+        fail "pg_dump of $db failed: $(stopped "$container" "${why:-no message}")"
     fi
     printf 'COMMIT;\n' >&"${SNAP[1]}" 2>/dev/null
     # Read back the whole archive: every compressed block must decompress.

@@ -203,7 +203,8 @@ def test_a_dump_cut_off_by_the_database_stopping_leaves_nothing(service):
     process = service.start("backup.now", "--label", "cutoff")
     try:
         deadline = time.monotonic() + 120
-        while console(service.host, "ls -A /backups | grep -q partial")[0] != 0:
+        # pg_dump writes its header at once: a non-empty partial file means it runs.
+        while console(service.host, "find /backups -name '*.partial' -size +0 | grep -q .")[0] != 0:
             assert time.monotonic() < deadline and process.poll() is None, "the dump never started"
             time.sleep(0.2)
         service.sh("docker stop -t 0 ccp_postgres >/dev/null")
@@ -213,7 +214,7 @@ def test_a_dump_cut_off_by_the_database_stopping_leaves_nothing(service):
             process.kill()
         service.sh("docker start ccp_postgres >/dev/null")
     assert process.returncode == 1, out + err
-    one_line(subprocess.CompletedProcess([], 1, out, err), "dump")
+    one_line(subprocess.CompletedProcess([], 1, out, err), "pg_dump of coachntt_prod failed", "stopped")
     assert set(service.backups()) == before, "no partial file, no sidecar, nothing new"
     assert not [name for name in service.listed() if "cutoff" in name]
     service.wait_healthy()
