@@ -33,7 +33,7 @@ import time
 
 from invoke import Collection
 
-from .core import lock, state, templates
+from .core import backups, lock, state, templates
 from .core.app import (
     App,
     fetch_sha,
@@ -51,7 +51,7 @@ from .core.app import (
 from .core.batch import gather
 from .core.errors import LockHeldError, OpsError, UsageError
 from .core.steps import Change, Facts, Plan, Step
-from .core.target import Target, command_failed
+from .core.target import Target
 from .core.task import ops_task
 
 # -- setup ------------------------------------------------------------------------
@@ -132,21 +132,15 @@ def migrate(target: Target, app: App, sha: str) -> str:
 
 
 def backup_before_migrate(target: Target, app: App, sha: str, *, first_release: bool) -> str:
-    """pg_dump before the schema can change; '' only on a first release with no database yet."""
-    result = target.run(
-        f"bash -c {shlex.quote(templates.script('backup-db.sh'))} backup-db "
-        f"{shlex.quote(app.db_container)} {shlex.quote(app.db_user)} {shlex.quote(app.db_name)} "
-        f"{shlex.quote(app.backup_dir)} {shlex.quote('pre-' + sha[:12])}",
-        user=app.owner, check=False, timeout=1800,
-    )
-    if result.exit_status == 3 and first_release:
-        return ""
-    if not result.ok:
-        raise command_failed(result, target.label, what="backup before migrate")
-    written = result.stdout.strip().splitlines()
-    if not written:
-        raise OpsError(f"backup before migrate on {target.label} named no file", "check /backups and scripts/backup-db.sh")
-    return written[-1]
+    """pg_dump before the schema can change (core/backups.py); '' only on a first
+    release with no database container yet."""
+    try:
+        path, _ = backups.dump(target, app, "pre-" + sha[:12], min_free_mb=app.backup_min_free_mb, tool=backups.TOOL)
+    except backups.NoDatabase:
+        if first_release:
+            return ""
+        raise
+    return path
 
 
 def run_hook(ops, target: Target, app: App, name: str, release: state.Release) -> None:

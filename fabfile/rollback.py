@@ -6,7 +6,9 @@ Runbook (`fab -H coachntt@HOST rollback [--to <sha>] [--with-db]`):
                             releases are never offered
     2. schema check         warn when the target ran on an older schema and name
                             the backup taken before the release being undone
-    3. (--with-db)          restore that backup (checked readable first)
+    3. (--with-db)          restore that backup into a new database, check it
+                            against its manifest, swap it in (the live one is
+                            kept as <db>_before_<stamp>, never dropped)
     4. switch               checkout + up -d --force-recreate, health gate
     5. release log entry
 `rollback.list` shows the candidates.
@@ -14,11 +16,11 @@ Runbook (`fab -H coachntt@HOST rollback [--to <sha>] [--with-db]`):
 
 from __future__ import annotations
 
-import shlex
+from datetime import UTC, datetime
 
 from invoke import Collection
 
-from .core import lock, state, templates
+from .core import backups, lock, state
 from .core.app import (
     App,
     gate_and_record,
@@ -30,7 +32,8 @@ from .core.app import (
     validate_sha,
 )
 from .core.errors import OpsError, UsageError
-from .core.target import Target, command_failed
+from .core.state import live_schema, schema_of
+from .core.target import Target
 from .core.task import ops_task
 
 
@@ -54,33 +57,12 @@ def choose_target(log: list[state.Release], to: str) -> tuple[state.Release, str
     return current, previous
 
 
-def schema_of(log: list[state.Release], sha: str) -> str:
-    """The schema a release brought: recorded when it FIRST went live. A later
-    redeploy of old code over a newer database records the newer schema."""
-    return next((r.schema for r in log if r.sha == sha and r.schema and r.kind == "deploy"), "")
-
-
-def live_schema(log: list[state.Release]) -> str:
-    """The database's schema now: the newest schema recorded by any release."""
-    return next((r.schema for r in reversed(log) if r.schema), "")
-
-
-def backup_undoing(log: list[state.Release], current_sha: str) -> str:
-    """The dump taken just before `current_sha` migrated the database."""
-    return next((r.backup for r in reversed(log) if r.sha == current_sha and r.kind == "deploy" and r.backup), "")
-
-
-def restore_database(target: Target, app: App, backup: str) -> None:
-    """Restore `backup` with the writers stopped; they start again whatever happens."""
-    target.run(app.compose("stop api pgbouncer"), user=app.owner, timeout=120)
-    result = target.run(
-        f"bash -c {shlex.quote(templates.script('restore-db.sh'))} restore-db "
-        f"{shlex.quote(app.db_container)} {shlex.quote(app.db_user)} {shlex.quote(app.db_name)} {shlex.quote(backup)}",
-        user=app.owner, check=False, timeout=1800,
-    )
-    if not result.ok:
-        target.run(app.compose("start api pgbouncer"), user=app.owner, check=False, timeout=300)
-        raise command_failed(result, target.label, what=f"restoring {backup} (api and pgbouncer started again)")
+def restore_database(target: Target, app: App, backup: str, reporter) -> None:
+    """The safe restore (core/backups.py): into a new database, checked, then swapped
+    in; the live database is kept beside it and never dropped."""
+    when = datetime.now(UTC)
+    database, _ = backups.restore_checked(target, app, backups.split_path(backup, app.backup_dir), when, reporter)
+    backups.swap(target, app, database, f"{app.db_name}_before_{backups.stamp(when)}")
 
 
 @ops_task(default=True, help={
@@ -96,6 +78,8 @@ def rollback(ops, to="", with_db=False, yes=False, break_lock=False, lock_wait=0
     app = App.from_settings(ops.settings)
     if ops.dry:
         current, target_sha, backup = plan_rollback(ops, release_facts(ops.target, app).log, to, with_db, yes=True)
+        if with_db:
+            backups.split_path(backup, app.backup_dir)
         ops.reporter.info(f"  would roll back {current.sha[:12]} -> {target_sha[:12]}" + (f" and restore {backup}" if with_db else ""))
         return
 
@@ -105,6 +89,8 @@ def rollback(ops, to="", with_db=False, yes=False, break_lock=False, lock_wait=0
         # Read under the lock: with --lock-wait the log may have moved meanwhile.
         host = release_facts(ops.target, app)
         current, target_sha, backup = plan_rollback(ops, host.log, to, with_db, yes=yes)
+        if with_db:
+            backups.split_path(backup, app.backup_dir)  # a name of ours, in backup.dir
         problem = preflight_error(host, app, ops.where)
         if problem:
             raise problem
@@ -116,7 +102,7 @@ def rollback(ops, to="", with_db=False, yes=False, break_lock=False, lock_wait=0
         try:
             if with_db:
                 with phase(ops, held, "restore database", reason=backup):
-                    restore_database(held, app, backup)
+                    restore_database(held, app, backup, ops.reporter)
             with phase(ops, held, f"switch to {target_sha[:12]}"):
                 switch_to(held, app, target_sha, recreate=True)
         except OpsError as exc:
@@ -133,7 +119,7 @@ def rollback(ops, to="", with_db=False, yes=False, break_lock=False, lock_wait=0
 def plan_rollback(ops, log: list[state.Release], to: str, with_db: bool, *, yes: bool) -> tuple[state.Release, str, str]:
     """(the release serving now, the sha to go to, the backup --with-db restores), with the warnings."""
     current, target_sha = choose_target(log, to)
-    backup = backup_undoing(log, current.sha)
+    backup = state.backup_undoing(log, current.sha)
     now_schema, then_schema = live_schema(log), schema_of(log, target_sha)
     if now_schema and then_schema and now_schema != then_schema and not with_db:
         ops.reporter.info(f"  warning: {target_sha[:12]} ran on schema {then_schema}, the database is at {now_schema}; "

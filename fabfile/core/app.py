@@ -56,6 +56,8 @@ class App:
     db_name: str
     owner: str
     disk_free_percent_min: int
+    # A backup starts only with the last one's size plus this much free in backup.dir.
+    backup_min_free_mb: int = 64
 
     @classmethod
     def from_settings(cls, s: Settings) -> App:
@@ -76,6 +78,7 @@ class App:
             db_name=s.require("backup.db_name"),
             owner=s.require("deploy_user"),
             disk_free_percent_min=int(s.require("thresholds.disk_free_percent_min")),
+            backup_min_free_mb=int(s.get("backup.min_free_mb", 64)),
         )
 
     def in_dir(self, command: str) -> str:

@@ -308,6 +308,7 @@ RULES: dict[str, Rule] = {
     "backup.keep_daily": _KEEP,
     "backup.keep_weekly": _KEEP,
     "backup.keep_monthly": _KEEP,
+    "backup.min_free_mb": Rule("a whole number of MiB from 0 to 1000000", _whole_number(0, 1000000)),
     "backup.db_container": Rule("a container name (letters, digits, _ . -)", _matches(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")),
     "backup.db_user": Rule("a database user name (letters, digits, _)", _matches(r"[A-Za-z_][A-Za-z0-9_]{0,62}")),
     "backup.db_name": Rule("a database name (letters, digits, _)", _matches(r"[A-Za-z_][A-Za-z0-9_]{0,62}")),

@@ -30,7 +30,7 @@ class Release:
     """One line of the release log."""
 
     sha: str
-    kind: str  # deploy | rollback | verify
+    kind: str  # deploy | rollback | verify | restore (backup.restore)
     result: str = ""  # ok | failed | interrupted
     phase: str = ""  # where a failed or interrupted release stopped
     previous: str = ""
@@ -76,7 +76,7 @@ class ReleaseLog(list):
 # Only well-formed entries count, and their shas are hex before they can reach
 # a shell (checkout, APP_VERSION, backup labels).
 MAX_LINE = 64 * 1024
-KINDS = ("deploy", "rollback", "verify")
+KINDS = ("deploy", "rollback", "verify", "restore")
 RESULTS = ("", RESULT_OK, RESULT_FAILED, RESULT_INTERRUPTED)
 _SHA = re.compile(r"[0-9a-f]{7,64}")
 _BACKUP = re.compile(r"/[A-Za-z0-9._/-]+")
@@ -149,6 +149,22 @@ def previous_good(log: list[Release], sha: str) -> str:
         return usable[-1] if usable else ""
     index = usable.index(sha)
     return usable[index - 1] if index > 0 else ""
+
+
+def backup_undoing(log: list[Release], sha: str) -> str:
+    """The dump taken just before `sha` migrated the database (what rollback --with-db restores)."""
+    return next((r.backup for r in reversed(log) if r.sha == sha and r.kind == "deploy" and r.backup), "")
+
+
+def schema_of(log: list[Release], sha: str) -> str:
+    """The schema a release brought: recorded when it FIRST went live. A later
+    redeploy of old code over a newer database records the newer schema."""
+    return next((r.schema for r in log if r.sha == sha and r.schema and r.kind == "deploy"), "")
+
+
+def live_schema(log: list[Release]) -> str:
+    """The database's schema now: the newest schema recorded by any release."""
+    return next((r.schema for r in reversed(log) if r.schema), "")
 
 
 def current_release(log: list[Release]) -> Release | None:

@@ -15,10 +15,10 @@ from fabfile.core import templates
 from fabfile.core.app import App
 from fabfile.core.batch import ProbeResult
 from fabfile.core.errors import UsageError
-from fabfile.core.state import Release, current_release
+from fabfile.core.state import Release, backup_undoing, current_release
 from fabfile.core.target import Result
 from fabfile.deploy import checkout_step, directories_step, env_file_step
-from fabfile.rollback import backup_undoing, choose_target, live_schema, schema_of
+from fabfile.rollback import choose_target, live_schema, schema_of
 
 A, B, C, D = ("a" * 40, "b" * 40, "c" * 40, "d" * 40)
 # Two releases whose shas share their first 7 digits.
@@ -324,10 +324,16 @@ def test_setup_commands_quote_the_owner_and_paths(app):
 
 def test_backup_and_restore_pass_database_settings_as_single_words(app, mocker, fake_host):
     app = dataclasses.replace(app, db_container=HOSTILE, db_user=HOSTILE, db_name=HOSTILE)
-    host = fake_host(replies={"backup-db": (0, "/backups/db.sql.gz\n", ""), "restore-db": (0, "", "")})
-    deploy_module.backup_before_migrate(host, app, "a" * 40, first_release=False)
-    rollback_module.restore_database(host, app, "/backups/db.sql.gz")
+    counts = '{"postgres": "16", "tables": [{"table": "public.notes", "rows": 2}]}'
+    host = fake_host(replies={
+        "backup-db dump": (0, "/backups/db_20261201_101010_pre-aaaaaaaaaaaa.dump\n", ""),
+        "backup-db load": (0, f"restored={counts}\nmanifest={counts}\n", ""),
+    })
+    assert deploy_module.backup_before_migrate(host, app, "a" * 40, first_release=False).endswith("pre-aaaaaaaaaaaa.dump")
+    rollback_module.restore_database(host, app, "/backups/db_20261201_101010_pre-aaaaaaaaaaaa.dump", mocker.Mock())
     # What the host's sh runs, split the way that sh splits it:
-    backup, restore = (shlex.split(shlex.split(c)[-1]) for c in host.sent if "backup-db" in c or "restore-db" in c)
-    assert backup[-6:] == ["backup-db", HOSTILE, HOSTILE, HOSTILE, "/backups", "pre-aaaaaaaaaaaa"]
-    assert restore[-5:] == ["restore-db", HOSTILE, HOSTILE, HOSTILE, "/backups/db.sql.gz"]
+    sent = [shlex.split(shlex.split(c)[-1]) if c.startswith("sudo") else shlex.split(c) for c in host.sent]
+    dump, load, swap = (next(words for words in sent if action in words) for action in ("dump", "load", "swap"))
+    assert dump[dump.index("dump") + 1:][:5] == [HOSTILE, HOSTILE, HOSTILE, "/backups", "pre-aaaaaaaaaaaa"]
+    assert load[load.index("load") + 1:][:4] == [HOSTILE, HOSTILE, "/backups", "db_20261201_101010_pre-aaaaaaaaaaaa.dump"]
+    assert swap[swap.index("swap") + 1:][:3] == [HOSTILE, HOSTILE, HOSTILE]
