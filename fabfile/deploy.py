@@ -28,6 +28,7 @@ secrets, state and backup directories). `deploy.history` shows the release log,
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 
@@ -349,8 +350,6 @@ def status(ops):
 
 def running_sha(images_json: str) -> str:
     """The release the api container runs: its image is tagged with the sha."""
-    import json
-
     try:
         images = json.loads(images_json or "[]")
     except json.JSONDecodeError:

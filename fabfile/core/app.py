@@ -206,10 +206,13 @@ def preflight_error(host: HostState, app: App, where: str) -> OpsError | None:
     if state.current_release(host.log) and not facts["database"].ok:
         return OpsError(f"the database container {app.db_container} is not answering on {where}, but releases exist",
                         "start it (`docker compose up -d postgres` in the app directory) and rerun; nothing changed")
-    for line in facts["disk"].lines:
-        mount, used = line.rsplit(" ", 1) if " " in line else (line, "")
-        if used.rstrip("%").isdigit() and 100 - int(used.rstrip("%")) < app.disk_free_percent_min:
-            return OpsError(f"only {100 - int(used.rstrip('%'))}% free on {mount} on {where} (below {app.disk_free_percent_min}%)",
+    for line in facts["disk"].lines:  # "<mount> <used>%"
+        mount, _, used = line.rpartition(" ")
+        if not used.rstrip("%").isdigit():
+            continue
+        free = 100 - int(used.rstrip("%"))
+        if free < app.disk_free_percent_min:
+            return OpsError(f"only {free}% free on {mount} on {where} (below {app.disk_free_percent_min}%)",
                             "free space (old images: `docker image prune`, old backups) and rerun; nothing changed")
     return None
 
@@ -278,8 +281,7 @@ def stop_cleanly(ops, app: App, held: lock.HeldLock, stop: KeyboardInterrupt) ->
     phase = held.phase
     if held.release is None:  # nothing has changed yet: let a running read end, free the lock
         try:
-            held.wait_for_phase(60)
-            held.release_lock()
+            settle(ops.target, ops.reporter, app, held, held.wait_for_phase(60))
         except (KeyboardInterrupt, Exception):
             leave_now(ops, held, phase)
         raise Interrupted(f"interrupted during {phase}, before anything changed", "rerun when ready") from None

@@ -53,8 +53,6 @@ class LockInfo:
     token: str = ""
     job: str = "none"  # running | finished | none
     phase: str = ""
-    job_status: str = ""
-    job_pid: str = ""
     recorded: bool = False
     client_left: bool = False
     client_connected: bool = False
@@ -67,7 +65,7 @@ class LockInfo:
         return cls(
             holder=fields.get("holder", "unknown"), since=fields.get("since", "?"), sha=fields.get("sha", ""),
             message=fields.get("message", ""), token=fields.get("token", ""), job=fields.get("job", "none"),
-            phase=fields.get("phase", ""), job_status=fields.get("job_status", ""), job_pid=fields.get("job_pid", ""),
+            phase=fields.get("phase", ""),
             recorded=fields.get("recorded") == "yes", client_left=fields.get("client_left") == "yes",
             client_connected=fields.get("client") == "connected",
             release=inflight[0] if inflight else None,
