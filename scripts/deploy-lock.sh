@@ -1,19 +1,45 @@
 #!/bin/sh
-# The deploy lock: one release at a time. mkdir is atomic, so two deploys
-# racing for the lock cannot both win (a check-then-write lock can). The lock
-# directory also holds the phase running under it (scripts/release-job.sh).
+# The deploy lock, and the work done under it where the client cannot cut it.
+#
+# One release at a time: mkdir is atomic, so two deploys racing for the lock
+# cannot both win (a check-then-write lock can). Each phase of a release
+# (fetch, backup, build, migrate, start, health gate) runs in its own session
+# on the server, with its output and exit status kept in the lock directory.
+# The waiter in front of it only watches: Ctrl-C on the operator's laptop, a
+# killed CI job or a cut connection ends the waiter, never the migration
+# halfway. A phase whose client is gone records the release as interrupted in
+# the release log when it ends; the lock stays held for `deploy.recover`.
+#
 #   deploy-lock.sh acquire STATE_DIR TOKEN WHO SHA MESSAGE   exit 4 + holder info if held
 #   deploy-lock.sh release STATE_DIR TOKEN                   exit 5 if the lock is not (any more) ours
 #   deploy-lock.sh status  STATE_DIR                         holder + phase info, exit 1 if free
 #   deploy-lock.sh break   STATE_DIR                         exit 4 while a phase still runs under it
+#   deploy-lock.sh run     STATE_DIR PHASE TIMEOUT ENTRY COMMAND
+#                                     run COMMAND as the lock's phase, print its output, exit with its status
+#   deploy-lock.sh wait    STATE_DIR SECONDS                 wait for the running phase; prints "finished PHASE STATUS"
+#   deploy-lock.sh abandon STATE_DIR ENTRY                   the client leaves: record ENTRY now or when the phase ends
+#
+# ENTRY is the release-log line to append if the client is gone, with
+# @FINISHED@ and @STATUS@ filled in here.
 set -u
+trap '' PIPE
 action=$1 state_dir=$2
 lock="$state_dir/deploy.lock"
+log="$state_dir/releases.jsonl"
 
-# /proc, not kill -0: the phase may run as another user than the one asking.
-alive() {  # a process that exists and is no zombie (reaping may lag on containers)
-    proc_state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) && [ -n "$proc_state" ] && [ "$proc_state" != Z ]
+# Kept as text so the detached phase below defines the very same functions.
+#   alive PID            a process that exists and is no zombie (reaping may lag in containers);
+#                        /proc, not kill -0: it may run as another user than the one asking
+#   record ENTRY STATUS  append the interrupted release to the log, once
+shared_functions='alive() {
+    proc_state=$(sed "s/.*) //" "/proc/$1/stat" 2>/dev/null | cut -d" " -f1) && [ -n "$proc_state" ] && [ "$proc_state" != Z ]
 }
+record() {
+    [ -n "$1" ] && [ ! -e "$lock/recorded" ] || return 0
+    printf "%s\n" "$1" | sed -e "s/@FINISHED@/$(date -u +%Y-%m-%dT%H:%M:%SZ)/" -e "s/@STATUS@/$2/" >> "$log" &&
+        : > "$lock/recorded"
+}'
+eval "$shared_functions"
 
 running() {
     [ -f "$lock/job.pid" ] && [ ! -f "$lock/job.status" ] && alive "$(cat "$lock/job.pid")"
@@ -74,8 +100,62 @@ break)
     fi
     rm -rf "$lock"
     ;;
+run)
+    phase=$3 timeout=$4 entry=$5 command=$6
+    [ -d "$lock" ] || { echo "the deploy lock is gone: $phase not started" >&2; exit 75; }
+    if running; then echo "phase $(cat "$lock/job.phase") still runs under the deploy lock" >&2; exit 75; fi
+    rm -f "$lock/job.status" "$lock/job.out" "$lock/job.err" "$lock/job.pid"
+    echo $$ > "$lock/job.waiter"
+    printf '%s\n' "$phase" > "$lock/job.phase"
+    [ -z "$entry" ] || printf '%s\n' "$entry" > "$lock/release.json"
+    # setsid: a session of its own, out of reach of the ssh session's end.
+    setsid sh -c '
+        lock=$1 timeout=$2 command=$3 entry=$4 log=$5
+        echo $$ > "$lock/job.pid"
+        eval "$6"
+        timeout --kill-after=10 "$timeout" sh -c "$command" < /dev/null
+        status=$?
+        # Decide before the status is written: the waiter leaves as soon as it
+        # sees the status, and must not be taken for a client that is gone.
+        # job.waiter, not the first waiter: a client that was interrupted and waits
+        # again (deploy-lock.sh wait) takes over, and is still there to settle it.
+        if ! alive "$(cat "$lock/job.waiter")" || [ -e "$lock/client-left" ]; then record "$entry" "$status"; fi
+        echo "$status" > "$lock/job.status.new" && mv "$lock/job.status.new" "$lock/job.status"
+    ' deploy-lock "$lock" "$timeout" "$command" "$entry" "$log" "$shared_functions" > "$lock/job.out" 2> "$lock/job.err" < /dev/null &
+    beats=0
+    while [ ! -f "$lock/job.status" ]; do
+        if [ -f "$lock/job.pid" ] && ! alive "$(cat "$lock/job.pid")"; then
+            sleep 0.2; [ -f "$lock/job.status" ] || { echo "phase $phase vanished without a status" >&2; exit 70; }
+        fi
+        sleep 0.1
+        beats=$((beats + 1))
+        # A client that is gone has closed this pipe: the failed write ends the waiter.
+        if [ $((beats % 10)) -eq 0 ]; then printf ' ' >&2 || exit 141; fi
+    done
+    cat "$lock/job.out"
+    cat "$lock/job.err" >&2
+    exit "$(cat "$lock/job.status")"
+    ;;
+wait)
+    seconds=$3
+    end=$(( $(date +%s) + seconds ))
+    [ ! -d "$lock" ] || echo $$ > "$lock/job.waiter"
+    while running && [ "$(date +%s)" -lt "$end" ]; do
+        sleep 0.5
+        printf ' ' >&2 || exit 141  # the client went away again: let the phase record it
+    done
+    if running; then echo "running $(cat "$lock/job.phase") $(cat "$lock/job.pid")"; exit 4; fi
+    echo "finished $(cat "$lock/job.phase" 2>/dev/null || echo none) $(cat "$lock/job.status" 2>/dev/null || echo -)"
+    ;;
+abandon)
+    entry=$3
+    [ -d "$lock" ] || exit 0
+    : > "$lock/client-left"
+    running && exit 0  # the phase records the release when it ends
+    record "$entry" "$(cat "$lock/job.status" 2>/dev/null || echo -)"
+    ;;
 *)
-    echo "usage: deploy-lock.sh acquire|release|status|break STATE_DIR ..." >&2
+    echo "usage: deploy-lock.sh acquire|release|status|break|run|wait|abandon STATE_DIR ..." >&2
     exit 2
     ;;
 esac

@@ -6,7 +6,7 @@ The lock is a directory in the state directory on the server (mkdir is atomic):
     deploy.lock/release.json  the release being made, as its log line would read if cut off now
     deploy.lock/job.*         the phase running now: name, pid, output, exit status
 
-Every command a release runs under the lock goes through scripts/release-job.sh:
+Every command a release runs under the lock goes through scripts/deploy-lock.sh:
 the phase runs in its own session on the server, so Ctrl-C, a killed CI job or
 a cut connection never stops a migration halfway. The lock is released only by
 the run that holds it (its token) and only when no phase still runs; a run that
@@ -27,15 +27,10 @@ from .errors import ConnectionLost, LockHeldError, OpsError, RemoteCommandError,
 from .target import Result, Target, command_failed
 
 LOCK_SCRIPT = f"sh -c {shlex.quote(templates.script('deploy-lock.sh'))} deploy-lock"
-JOB_SCRIPT = f"sh -c {shlex.quote(templates.script('release-job.sh'))} release-job"
 # A phase with no timeout of its own still ends: nothing under the lock runs forever.
 DEFAULT_PHASE_TIMEOUT = 600
 # The waiter gets this much longer than the phase, so the server's timeout speaks first.
 CLIENT_MARGIN = 60
-
-
-def lock_dir(state_dir: str) -> str:
-    return f"{state_dir}/deploy.lock"
 
 
 def status_command(state_dir: str) -> str:
@@ -83,7 +78,7 @@ def read(target: Target, state_dir: str) -> LockInfo | None:
 
 class HeldLock(Target):
     """The lock this run holds. As a Target, it runs every command as a phase
-    job on the server (release-job.sh), so callers need not know about it."""
+    job on the server (deploy-lock.sh run), so callers need not know about it."""
 
     def __init__(self, target: Target, state_dir: str, token: str):
         super().__init__()
@@ -91,10 +86,6 @@ class HeldLock(Target):
         self.label, self.login_user, self.is_root = target.label, target.login_user, target.is_root
         self.phase = "start"
         self.release: state.Release | None = None
-
-    @property
-    def dir(self) -> str:
-        return lock_dir(self.state_dir)
 
     def interrupted_entry(self, status: str = "@STATUS@") -> str:
         """The log line for this release if it is cut off in the current phase."""
@@ -107,7 +98,7 @@ class HeldLock(Target):
 
     def run(self, command: str, *, sudo: bool = False, user: str = "", check: bool = True, timeout: int | None = None) -> Result:
         limit = timeout or DEFAULT_PHASE_TIMEOUT
-        job = (f"{JOB_SCRIPT} run {shlex.quote(self.dir)} {shlex.quote(self.phase)} {limit} "
+        job = (f"{LOCK_SCRIPT} run {shlex.quote(self.state_dir)} {shlex.quote(self.phase)} {limit} "
                f"{shlex.quote(self.interrupted_entry())} {shlex.quote(command)}")
         try:
             outcome = self.target.run(job, sudo=sudo, user=user, check=False, timeout=limit + CLIENT_MARGIN)
@@ -132,13 +123,13 @@ class HeldLock(Target):
 
     def wait_for_phase(self, seconds: int) -> LockInfo:
         """Let the phase running now finish on the server (bounded); the lock's state after."""
-        self.target.run(f"{JOB_SCRIPT} wait {shlex.quote(self.dir)} {int(seconds)}", check=False, timeout=seconds + 30)
+        self.target.run(f"{LOCK_SCRIPT} wait {shlex.quote(self.state_dir)} {int(seconds)}", check=False, timeout=seconds + 30)
         return read(self.target, self.state_dir) or LockInfo()
 
     def abandon(self) -> None:
         """This client leaves: the release is recorded as interrupted now, or by
         the running phase when it ends. The lock stays held."""
-        self.target.run(f"{JOB_SCRIPT} abandon {shlex.quote(self.dir)} {shlex.quote(self.interrupted_entry('-'))}",
+        self.target.run(f"{LOCK_SCRIPT} abandon {shlex.quote(self.state_dir)} {shlex.quote(self.interrupted_entry('-'))}",
                         check=False, timeout=15)
 
     def release_lock(self) -> None:

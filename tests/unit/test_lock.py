@@ -1,6 +1,6 @@
 """The deploy lock and the phases run under it, on this machine's own shell.
 
-scripts/deploy-lock.sh and scripts/release-job.sh run for real against a
+scripts/deploy-lock.sh runs for real against a
 temporary state directory; nothing here needs a server.
 """
 
@@ -103,7 +103,7 @@ def test_a_phase_whose_client_is_gone_finishes_and_records_the_release(sh, state
         with lock.deploy_lock(sh, state_dir, A, "") as held:
             held.phase = "migrate"
             held.release = state.Release(sha=A, kind="deploy", previous=B, who="me", started=state.now())
-            job = (f"{lock.JOB_SCRIPT} run {held.dir} migrate 60 '{held.interrupted_entry()}' "
+            job = (f"{lock.LOCK_SCRIPT} run {state_dir} migrate 60 '{held.interrupted_entry()}' "
                    f"'sleep 1; echo migrated > {tmp_path}/done'")
             waiter = subprocess.Popen(["sh", "-c", job], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
             time.sleep(0.4)
@@ -157,7 +157,7 @@ def test_break_stale_never_breaks_a_lock_whose_phase_still_runs(sh, state_dir, t
     with pytest.raises(KeyboardInterrupt):
         with lock.deploy_lock(sh, state_dir, A, "") as held:
             held.phase = "checkout + build"
-            subprocess.Popen(["sh", "-c", f"{lock.JOB_SCRIPT} run {held.dir} 'checkout + build' 60 '' 'sleep 3'"],
+            subprocess.Popen(["sh", "-c", f"{lock.LOCK_SCRIPT} run {state_dir} 'checkout + build' 60 '' 'sleep 3'"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             time.sleep(0.4)
             raise KeyboardInterrupt
