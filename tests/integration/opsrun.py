@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fabfile import sandbox
@@ -88,13 +90,21 @@ def ready_for_the_app(host) -> None:
     assert secured.returncode == 0, secured.stdout + secured.stderr
 
 
-def app_settings(git) -> dict:
-    """The settings a test deploys examples/app with, from the sandbox's git daemon."""
-    return {
-        "COACHNTT_APP__REPO": git.url("app"),
-        "COACHNTT_APP__COMPOSE_OVERRIDES": OVERRIDE_ON_HOST,
-        "COACHNTT_APP__HEALTH_DEADLINE": "25",
-    }
+@contextmanager
+def example_app_served(directory: Path) -> Iterator[tuple[Path, str, dict]]:
+    """examples/app as a git repository in `directory`, served by a git daemon on the
+    bridge for as long as the block runs: (repository, its first sha, the settings
+    that deploy it)."""
+    from fabfile.sandbox import example_repo
+
+    repo = directory / "app"
+    first = example_repo.make_example_repo(repo)
+    with example_repo.GitDaemon(directory) as git:
+        yield repo, first, {
+            "COACHNTT_APP__REPO": git.url("app"),
+            "COACHNTT_APP__COMPOSE_OVERRIDES": OVERRIDE_ON_HOST,
+            "COACHNTT_APP__HEALTH_DEADLINE": "25",
+        }
 
 
 DEBIAN_RUNTIME = "python3-fabric python3-invoke python3-dotenv python3-jinja2 python3-yaml"

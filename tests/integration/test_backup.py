@@ -18,9 +18,7 @@ import time
 
 import pytest
 
-from fabfile.sandbox import example_repo
-from fabfile.sandbox.example_repo import GitDaemon
-from opsrun import BIN, PROJECT_DIR, app_settings, console, fab, ready_for_the_app
+from opsrun import BIN, PROJECT_DIR, console, example_app_served, fab, ready_for_the_app
 
 PSQL = "docker exec -i ccp_postgres psql -X -q -v ON_ERROR_STOP=1 -U coachntt -d coachntt_prod"
 # Non-ASCII text, control characters, NULLs, bytea with zero bytes, large values.
@@ -109,11 +107,8 @@ class Service:
 def service(vps_factory_module, tmp_path_factory):
     host = vps_factory_module(flavour="provisioned")
     ready_for_the_app(host)
-    served = tmp_path_factory.mktemp("git")
-    repo = served / "app"
-    sha = example_repo.make_example_repo(repo)
-    with GitDaemon(served) as git:
-        svc = Service(host, app_settings(git))
+    with example_app_served(tmp_path_factory.mktemp("git")) as (_, sha, env):
+        svc = Service(host, env)
         for args in (("deploy.setup",), ("deploy", "--sha", sha)):
             result = svc.fab(*args)
             assert result.returncode == 0, result.stdout + result.stderr

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from fabfile.sandbox import example_repo
-from fabfile.sandbox.example_repo import GitDaemon
-from opsrun import app_settings, console, fab, ready_for_the_app
+from opsrun import console, example_app_served, fab, ready_for_the_app
 
 MIGRATION_2 = "ALTER TABLE notes ADD COLUMN IF NOT EXISTS pinned boolean NOT NULL DEFAULT false;\n"
 
@@ -50,11 +49,7 @@ class Service:
 def service(vps_factory_module, tmp_path_factory):
     host = vps_factory_module(flavour="provisioned")
     ready_for_the_app(host)
-    served = tmp_path_factory.mktemp("git")
-    repo = served / "app"
-    first = example_repo.make_example_repo(repo)
-    with GitDaemon(served) as git:
-        env = app_settings(git)
+    with example_app_served(tmp_path_factory.mktemp("git")) as (repo, first, env):
         svc = Service(host, repo, env)
         svc.shas["A"] = first
         yield svc

@@ -21,10 +21,9 @@ from types import SimpleNamespace
 import pytest
 
 from fabfile.sandbox import example_repo
-from fabfile.sandbox.example_repo import GitDaemon
 from fabfile.sandbox.hosts import veth_name
 from fabfile.sandbox.network import port_open
-from opsrun import BIN, OVERRIDE_ON_HOST, PROJECT_DIR, app_settings, console, fab, host_state, ready_for_the_app, ssh, ssh_retrying
+from opsrun import BIN, OVERRIDE_ON_HOST, PROJECT_DIR, console, example_app_served, fab, host_state, ready_for_the_app, ssh, ssh_retrying
 
 # =============================================================================
 # deploy and rollback: interrupted, cut off, out of disk, missing preconditions
@@ -174,11 +173,7 @@ def service(vps_factory_module, tmp_path_factory):
                               "for c in git docker curl; do ln -sf /usr/local/lib/fault-hold /usr/local/bin/$c; done")
     assert code == 0, out
 
-    served = tmp_path_factory.mktemp("git")
-    repo = served / "app"
-    first = example_repo.make_example_repo(repo)
-    with GitDaemon(served) as git:
-        env = app_settings(git)
+    with example_app_served(tmp_path_factory.mktemp("git")) as (repo, first, env):
         svc = Service(host, repo, env)
         for args in (("deploy.setup",), ("deploy", "--sha", first)):
             result = svc.fab(*args)
