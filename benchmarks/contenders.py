@@ -344,7 +344,10 @@ class Ansible(Contender):
             raise Unavailable("ansible-core not installed (run with --install-tools)")
         self.workdir = workdir / ("ansible-pipelining" if self.pipelining else "ansible")
         self.workdir.mkdir(exist_ok=True)
-        tasks = [{"name": name, "ansible.builtin.shell": command, "changed_when": False, "failed_when": False}
+        # `cmd:` rather than free form (which Ansible splits as k=v), and raw: Ansible templates
+        # task arguments, and shell text such as bash's ${#var} must reach the host as written.
+        tasks = [{"name": name, "ansible.builtin.shell": {"cmd": "{% raw %}" + command + "{% endraw %}"},
+                  "changed_when": False, "failed_when": False}
                  for name, command in probes.items()]
         play = [{"hosts": "all", "gather_facts": False, "tasks": tasks}]
         (self.workdir / "playbook.yml").write_text(json.dumps(play, indent=1) + "\n")  # JSON is YAML
@@ -376,7 +379,8 @@ class Ansible(Contender):
         )
         return inventory
 
-    def invoke(self, endpoint: Endpoint, probes: Mapping[str, str], *extra: str) -> subprocess.CompletedProcess:
+    def play(self, endpoint: Endpoint, *extra: str, tail: int = 5) -> tuple[subprocess.CompletedProcess, re.Match]:
+        """playbook.yml run once; its result and its recap (ok, changed, unreachable, failed)."""
         # A fresh ControlPath dir each run: ControlPersist=60s must not hand the next run a live login.
         control_dir = self.workdir / f"cp-{secrets.token_hex(4)}"
         control_dir.mkdir()
@@ -386,9 +390,13 @@ class Ansible(Contender):
                               self.environment(endpoint, control_dir), self.workdir)
         finally:
             stop_persisted_masters(control_dir, endpoint)
-        recap = re.search(r"ok=(\d+)\s+changed=\d+\s+unreachable=(\d+)\s+failed=(\d+)", result.stdout)
+        recap = re.search(r"ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", result.stdout)
         if result.returncode != 0 or not recap:
-            raise ContenderFailed(f"ansible-playbook exited {result.returncode}: {last_lines(result.stdout + result.stderr)}")
+            raise ContenderFailed(f"ansible-playbook exited {result.returncode}: {last_lines(result.stdout + result.stderr, tail)}")
+        return result, recap
+
+    def invoke(self, endpoint: Endpoint, probes: Mapping[str, str], *extra: str) -> subprocess.CompletedProcess:
+        result, recap = self.play(endpoint, *extra)
         require_all_answered(self.name, int(recap.group(1)), probes, f"({recap.group(0)})")
         return result
 

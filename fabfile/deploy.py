@@ -1,19 +1,31 @@
-"""deploy: ship one exact sha, gated, locked, recorded, reversible.
+"""deploy: ship one exact sha, gated, locked, recorded, reversible, without dropping a request.
 
 Runbook (`fab -H coachntt@HOST deploy --sha <sha>`):
     0. deploy lock          one release at a time (who/when if refused; --lock-wait N)
-       preflight            checkout, env file, Docker, database container, disk:
-                            any of them wrong stops here, nothing changed
-    1. fetch                git fetch; the sha must exist (else exit 2, nothing changed)
+       preflight            checkout, env file, Docker, database container, disk, nginx
+                            sending the api through the slot upstream: any of them
+                            wrong stops here, nothing changed
+    1. fetch                git fetch; the sha must exist (else exit 2, nothing changed);
+                            a pending migration marked `-- breaking` needs the maintenance
+                            window or --force (else exit 2, nothing changed)
        pre_deploy hook      optional; a failure stops here, nothing changed
     2. backup database      pg_dump before anything touches the schema
-    3. checkout + build     exactly that sha; images tagged with it
-    4. database up          PostgreSQL first, wait until healthy
-    5. migrate              python -m scripts.migrate in the api container
-    6. start                docker compose up -d
-    7. health gate          /health must answer 200 before the deadline
-    on failure after 3:     automatic rollback to the last good release
-    always:                 a release log entry with the phase; the lock released
+    3. checkout + build     exactly that sha, for the idle slot; images tagged with it
+    4. database up          PostgreSQL and PgBouncer in front of it, wait until healthy
+                            (the api slots start with --no-deps: nothing else starts them)
+       breaking only:       maintenance on (nginx answers 503 + Retry-After), then the
+                            live slot stops: its requests finish, websockets get 1001
+    5. migrate              python -m scripts.migrate; the live slot serves on (expand /
+                            contract: the release before runs on the new schema)
+    6. start                the idle slot on the new sha (core/slots.py)
+    7. health gate          /health on that slot's own port: 200 before the deadline
+    8. switch               nginx's upstream -> the new slot, nginx -t, graceful reload
+    9. drain                the old slot ends its requests and websockets (at most
+                            cutover.drain_seconds), then stops; its container stays
+    on failure after 2:     automatic rollback: nothing switched to the failed slot, it
+                            stops; the checkout and the slot of the last good release
+                            are put back (started again after a breaking stop)
+    always:                 a release log entry with its phase and slot; the lock released
     after success:          optional post_deploy hook
     cut off (Ctrl-C, lost   every phase runs on the server where the client cannot
     connection, SIGTERM):   cut it; one Ctrl-C lets it finish and puts back what served
@@ -21,103 +33,30 @@ Runbook (`fab -H coachntt@HOST deploy --sha <sha>`):
                             `deploy.recover`
 
 `deploy.setup` prepares a host once (checkout, .env.production with generated
-secrets, state and backup directories). `deploy.history` shows the release log,
-`deploy.status` what runs now, `deploy.unlock` breaks a stale lock, and
-`deploy.recover` settles a release that was cut off (see core/lock.py).
+secrets, state and backup directories; fabfile/deploy_setup.py). `deploy.history`
+shows the release log, `deploy.status` what runs now (which slot serves, what
+each holds), `deploy.unlock` breaks a stale lock, and `deploy.recover` settles a
+release that was cut off (see core/lock.py).
 """
 
 from __future__ import annotations
 
-import json
 import shlex
 import time
+from contextlib import nullcontext
+from datetime import UTC, datetime
 
 from invoke import Collection
 
-from .core import backups, lock, state, templates
-from .core.app import (
-    App,
-    fetch_sha,
-    gate_and_record,
-    health_gate,
-    phase,
-    preflight_error,
-    release_facts,
-    release_lock,
-    report_failed_gate,
-    settle,
-    switch_to,
-    validate_sha,
-)
+from .core import backups, lock, migrations, slots, state
+from .core.app import App, HostState, checkout, fetch_sha, preflight_error, release_facts, report_failed_gate, validate_sha
 from .core.batch import gather
+from .core.cutoff import phase, release_lock, settle
 from .core.errors import LockHeldError, OpsError, UsageError
-from .core.steps import Change, Facts, Plan, Step
+from .core.fleet import READS
 from .core.target import Target
 from .core.task import ops_task
-
-# -- setup ------------------------------------------------------------------------
-
-
-def directories_step(app: App) -> Step:
-    wanted = {app.state_dir: "755", app.backup_dir: "700"}
-
-    def plan(facts: Facts) -> Plan:
-        changes = []
-        for index, (path, mode) in enumerate(wanted.items()):
-            if facts[f"d{index}"].stdout.strip() != f"{mode} {app.owner}":
-                owner = shlex.quote(app.owner)
-                changes.append(Change(f"directory {path} (mode {mode}, {app.owner})",
-                                      f"install -d -m {mode} -o {owner} -g {owner} {shlex.quote(path)}"))
-        return Plan.change(*changes) if changes else Plan.ok("state and backup directories ready")
-
-    return Step(
-        "state + backup directories",
-        probes={f"d{i}": f"stat -c '%a %U' {shlex.quote(p)}" for i, p in enumerate(wanted)},
-        plan=plan,
-    )
-
-
-def checkout_step(app: App) -> Step:
-    owner = shlex.quote(app.owner)
-
-    def plan(facts: Facts) -> Plan:
-        if not facts["owner"].ok:
-            return Plan.skipped(f"user {app.owner} missing: run `secure` first")
-        if facts["git"].ok:
-            return Plan.ok(f"{app.dir} is a checkout")
-        if not app.repo:
-            raise UsageError("missing config value 'app.repo'", "set COACHNTT_APP__REPO=<git url> in the env file")
-        return Plan.change(Change(
-            f"clone {app.repo} into {app.dir}",
-            f"install -d -o {owner} -g {owner} {shlex.quote(app.dir)} && "
-            f"sudo -n -u {owner} git clone --quiet -- {shlex.quote(app.repo)} {shlex.quote(app.dir)}",
-        ))
-
-    return Step("app checkout", probes={"owner": f"id -u {owner}", "git": f"test -d {shlex.quote(app.dir + '/.git')}"}, plan=plan)
-
-
-def env_file_step(app: App) -> Step:
-    env_path = f"{app.dir}/{app.env_file}"
-
-    def plan(facts: Facts) -> Plan:
-        if facts["env"].ok:
-            return Plan.ok(f"{env_path} exists (never overwritten)")
-        return Plan.change(Change(
-            f"create {env_path} from .env.example with generated secrets (mode 600)",
-            f"sh -c {shlex.quote(templates.script('make-env.sh'))} make-env "
-            f"{shlex.quote(app.dir + '/.env.example')} {shlex.quote(env_path)} {shlex.quote(f'{app.owner}:{app.owner}')}",
-        ))
-
-    return Step("env file + secrets", probes={"env": f"test -e {shlex.quote(env_path)}"}, plan=plan)
-
-
-@ops_task
-def setup(ops):
-    """First-time setup: checkout in app.dir, .env.production with generated secrets."""
-    app = App.from_settings(ops.settings)
-    ops.run_steps([directories_step(app), checkout_step(app)])
-    ops.run_steps([env_file_step(app)])
-
+from .deploy_setup import setup
 
 # -- deploy -------------------------------------------------------------------------
 
@@ -125,9 +64,9 @@ def setup(ops):
 PHASES_BEFORE_CHANGE = ("fetch", "pre_deploy hook", "backup database")
 
 
-def migrate(target: Target, app: App, sha: str) -> str:
-    """Run the migrations; return the schema version the app reports."""
-    result = target.run(app.compose("run --rm -T api python -m scripts.migrate", sha), user=app.owner, timeout=600)
+def migrate(target: Target, app: App, sha: str, slot: slots.Slot) -> str:
+    """Run the migrations in a one-off container of the new release; return the schema version it reports."""
+    result = target.run(app.compose(f"run --rm -T {slot.service} python -m scripts.migrate", sha), user=app.owner, timeout=600)
     last = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     return last.split(":", 1)[1].strip() if last.startswith("schema version:") else ""
 
@@ -157,27 +96,35 @@ def run_hook(ops, target: Target, app: App, name: str, release: state.Release) -
     target.run(app.in_dir(f"{env} sh -c {shlex.quote(command)}"), user=app.owner, timeout=600)
 
 
+def breaking_migrations(ops, target: Target, app: App, sha: str, host: HostState, *, force: bool) -> bool:
+    """Whether the release goes stop-the-world: pending migrations marked breaking,
+    refused (exit 2, nothing changed) outside the maintenance window unless --force."""
+    marked = target.run(app.in_dir(migrations.marked_command(sha)), user=app.owner, timeout=60).stdout
+    decision = migrations.decide(marked, host.log, ops.settings, datetime.now(UTC), force=force)
+    if not decision.allowed:
+        current = state.current_release(host.log)
+        raise migrations.refusal(decision.breaking, host.layout.serving_sha() or (current.sha if current else ""), ops.settings)
+    if decision.breaking:
+        ops.reporter.info(f"  {decision.words}")
+    return bool(decision.breaking)
+
+
 @ops_task(default=True, help={
     "sha": "commit to deploy (default: tip of app.branch)",
     "message": "why this release, for the release log",
     "break_lock": "remove a deploy lock whose holder is gone (never one whose work still runs)",
     "lock_wait": "seconds to wait for another release to finish (default: refuse at once)",
+    "force": "a release with breaking migrations goes now, outside the maintenance window (503 while it migrates)",
 })
-def deploy(ops, sha="", message="", break_lock=False, lock_wait=0):
-    """Deploy one exact sha: lock, preflight, fetch, backup, migrate, start, health gate, log."""
+def deploy(ops, sha="", message="", break_lock=False, lock_wait=0, force=False):
+    """Deploy one exact sha into the idle slot: lock, preflight, fetch, backup, migrate, start, gate, switch, drain, log."""
     sha = validate_sha(sha)
     if not message.isprintable():
         # The release log keeps one entry per line; its reader skips control characters.
         raise UsageError("--message must be one line of text", "leave out newlines and control characters")
     app = App.from_settings(ops.settings)
     if ops.dry:
-        host = release_facts(ops.target, app)
-        current = state.current_release(host.log)
-        problem = preflight_error(host, app, ops.where)
-        ops.reporter.info(f"  would deploy {sha or 'origin/' + app.branch} over {current.sha[:12] if current else 'nothing'}: "
-                          "lock, preflight, fetch, backup, checkout + build, database up, migrate, start, health gate")
-        if problem:
-            ops.reporter.info(f"  but preflight refuses now: {problem.one_line()}")
+        dry_run(ops, app, sha, force=force)
         return
 
     if break_lock:
@@ -194,51 +141,99 @@ def deploy(ops, sha="", message="", break_lock=False, lock_wait=0):
         held.release = release if sha else None
         with phase(ops, held, "fetch"):
             release.sha = fetch_sha(held, app, sha)
+            stop_the_world = breaking_migrations(ops, held, app, release.sha, host, force=force)
         held.release = release
 
         if current and current.sha == release.sha and host.head == release.sha:
-            check_live_release(ops, app, held, release)
+            check_live_release(ops, app, held, release, host.layout)
         else:
-            ship(ops, app, held, release, state.good_releases(host.log), first_release=current is None)
+            ship(ops, app, held, release, host, breaking=stop_the_world, first_release=current is None)
 
 
-def check_live_release(ops, app: App, held: lock.HeldLock, release: state.Release) -> None:
-    """Redeploying what already runs: only the health gate, and a log entry."""
+def dry_run(ops, app: App, sha: str, *, force: bool) -> None:
+    """What a deploy would do, from one round trip of facts (and a read of git's objects)."""
+    host = release_facts(ops.target, app)
+    current = state.current_release(host.log)
+    layout = host.layout
+    slot, serving = layout.slot_for(sha) if sha else layout.idle(), layout.serving()
+    ops.reporter.info(f"  would deploy {sha or 'origin/' + app.branch} over {current.sha[:12] if current else 'nothing'} "
+                      f"into {slot}: lock, preflight, fetch, backup, checkout + build, database up, migrate, start, "
+                      f"health gate, switch nginx to it" + (f", drain {serving} (at most {app.drain_seconds}s)" if serving else ""))
+    problem = preflight_error(host, app, ops.where)
+    if problem:
+        ops.reporter.info(f"  but preflight refuses now: {problem.one_line()}")
+    marked = ops.target.run(app.in_dir(migrations.marked_command(sha)), user=app.owner, check=False, timeout=60) if sha else None
+    if marked is not None and marked.ok:  # else not fetched here yet: the real run checks after its fetch
+        decision = migrations.decide(marked.stdout, host.log, ops.settings, datetime.now(UTC), force=force)
+        if decision.breaking:
+            ops.reporter.info(f"  {decision.words}")
+
+
+def check_live_release(ops, app: App, held: lock.HeldLock, release: state.Release, layout: slots.Layout) -> None:
+    """Redeploying what already runs: only the health gate of the slot serving it, and a log entry."""
     release.kind = "verify"
-    unhealthy = OpsError(f"{release.sha[:12]} is live but unhealthy", "see the responses above; `rollback` to the previous good release")
-    with phase(ops, held, "health gate", reason=f"{release.sha[:12]} already live: checked only"):
-        gate_and_record(held, ops.reporter, app, release, unhealthy, log_target=ops.target)
+    slot = layout.answering()
+    release.slot = slot.name
+    with phase(ops, held, "health gate", reason=f"{release.sha[:12]} already live in {slot}: checked only"):
+        gate = slots.gate(held, app, slot)
+        release.result, release.finished = (state.RESULT_OK if gate.passed else state.RESULT_FAILED), state.now()
+        release.phase = "" if gate.passed else "health gate"
+        state.append(ops.target, app.state_dir, release)
+        if not gate.passed:
+            report_failed_gate(ops.reporter, gate)
+            raise OpsError(f"{release.sha[:12]} is live but unhealthy", "see the responses above; `rollback` to the previous good release")
 
 
-def ship(ops, app: App, held: lock.HeldLock, release: state.Release, good: list[str], *, first_release: bool) -> None:
-    """A new sha: hook, backup, checkout + build, database, migrate, start, gate."""
+def build_and_migrate(held: lock.HeldLock, app: App, release: state.Release, layout: slots.Layout, step: slots.Phase,
+                      *, breaking: bool) -> None:
+    """The new sha built for its slot and the database migrated (`release` shares this):
+    checkout + build, PostgreSQL up, (a breaking release stops the world first,) migrate."""
     sha = release.sha
+    slot, serving = layout.slot_for(sha), layout.serving()
+    with step("checkout + build", f"for {slot}"):
+        checkout(held, app, sha)
+        held.run(app.compose(f"build --quiet {slot.service}", sha), user=app.owner, timeout=1800)
+    with step("database up"):
+        # PgBouncer too: the slots start with --no-deps, so no other step brings it up.
+        held.run(app.compose("up -d --wait postgres pgbouncer", sha), user=app.owner, timeout=300)
+    if breaking and serving:
+        with step("maintenance on", "nginx answers the api with 503 + Retry-After"):
+            slots.switch(held, app, serving, layout.serving_sha(), maintenance=True)
+        with step("stop", f"{serving}: the release before cannot run on the new schema"):
+            slots.retire(held, app, serving, drain_seconds=slots.DRAIN_SETTLE)
+    with step("migrate"):
+        if breaking:  # recorded before they run: a cut-off from here on is settled with the backup restored
+            release.extra[state.BREAKING_MIGRATED] = True
+        release.schema = migrate(held, app, sha, slot)
+
+
+def ship(ops, app: App, held: lock.HeldLock, release: state.Release, host: HostState, *, breaking: bool, first_release: bool) -> None:
+    """A new sha: hook, backup, checkout + build, database, (stop the world,) migrate, cutover."""
+    sha, layout = release.sha, host.layout
+    release.slot = layout.slot_for(sha).name
     try:
         with phase(ops, held, "pre_deploy hook"):  # may veto: nothing has changed yet
             run_hook(ops, held, app, "pre_deploy", release)
         with phase(ops, held, "backup database"):
             release.backup = backup_before_migrate(held, app, sha, first_release=first_release)
-        with phase(ops, held, "checkout + build"):
-            held.run(app.in_dir(f"git checkout --quiet --force --detach {shlex.quote(sha)}"), user=app.owner, timeout=300)
-            held.run(app.compose("build --quiet api", sha), user=app.owner, timeout=1800)
-        with phase(ops, held, "database up"):
-            held.run(app.compose("up -d --wait postgres", sha), user=app.owner, timeout=300)
-        with phase(ops, held, "migrate"):
-            release.schema = migrate(held, app, sha)
-        with phase(ops, held, "start"):
-            switch_to(held, app, sha)
-        with phase(ops, held, "health gate"):
-            gate = health_gate(held, app)
-            if not gate.passed:
-                report_failed_gate(ops.reporter, gate)
-                raise OpsError(f"/health did not answer 200 within {app.health_deadline}s")
+        build_and_migrate(held, app, release, layout, lambda name, reason="": phase(ops, held, name, reason), breaking=breaking)
+        # The layout read before anything changed: the new release goes to the idle slot.
+        outcome = slots.serve(held, app, sha, lambda name, reason="": phase(ops, held, name, reason), layout=layout)
+        if not outcome.gate.passed:
+            report_failed_gate(ops.reporter, outcome.gate)
+            raise OpsError(f"/health did not answer 200 on {outcome.slot} within {app.health_deadline}s",
+                           "nothing was switched to it")
     except OpsError as exc:
         if exc.keeps_lock:  # cut off: nothing to roll back from here, recover settles it
             raise
-        roll_back_after_failure(ops, app, held, release, good, exc)
+        roll_back_after_failure(ops, app, held, release, state.good_releases(host.log), exc)
     release.result, release.finished = state.RESULT_OK, state.now()
     state.append(ops.target, app.state_dir, release)
-    ops.reporter.info(f"  live: {sha[:12]} (schema {release.schema or '?'}, backup {release.backup or 'none'})")
+    ops.reporter.info(f"  live: {sha[:12]} in {outcome.slot} (schema {release.schema or '?'}, backup {release.backup or 'none'})")
+    if outcome.drained:
+        ops.reporter.info(f"  old slot: {outcome.drained}")
+    if outcome.warning:
+        ops.reporter.info(f"  warning: {outcome.warning}")
     try:
         with phase(ops, held, "post_deploy hook"):
             run_hook(ops, held, app, "post_deploy", release)
@@ -247,8 +242,8 @@ def ship(ops, app: App, held: lock.HeldLock, release: state.Release, good: list[
 
 
 def roll_back_after_failure(ops, app: App, held: lock.HeldLock, release: state.Release, good: list[str], exc: OpsError) -> None:
-    """Log the failed attempt with its phase, put the last good release back when
-    anything had changed, and raise one line that says where things stand."""
+    """Log the failed attempt with its phase, put the last good release back in
+    service when anything had changed, and raise one line that says where things stand."""
     failed_in, why = held.phase, exc.one_line()
     release.result, release.finished, release.message, release.phase = state.RESULT_FAILED, state.now(), why, failed_in
     fallback = next((sha for sha in good if sha != release.sha), "")
@@ -261,10 +256,11 @@ def roll_back_after_failure(ops, app: App, held: lock.HeldLock, release: state.R
         raise OpsError(what, "no earlier good release to roll back to; fix and deploy again") from None
     try:
         with phase(ops, held, f"automatic rollback to {fallback[:12]}"):
-            switch_to(held, app, fallback, recreate=True)
-            gate = health_gate(held, app)
-            if not gate.passed:
-                report_failed_gate(ops.reporter, gate)
+            checkout(held, app, fallback)
+            # Its slot still serves unless a breaking release stopped it: then it starts again.
+            outcome = slots.serve(held, app, fallback, lambda name, reason="": nullcontext())
+            if not outcome.gate.passed:
+                report_failed_gate(ops.reporter, outcome.gate)
     except OpsError as rollback_exc:
         if rollback_exc.keeps_lock:
             raise
@@ -272,10 +268,11 @@ def roll_back_after_failure(ops, app: App, held: lock.HeldLock, release: state.R
         state.append(ops.target, app.state_dir, release)
         raise OpsError(f"{what}; the rollback to {fallback[:12]} failed too ({rollback_exc.what})",
                        f"check `deploy.status`; then `rollback --to {fallback[:12]}`") from None
-    release.rolled_back_to = fallback if gate.passed else ""
+    release.rolled_back_to = fallback if outcome.gate.passed else ""
     state.append(ops.target, app.state_dir, release)
-    if gate.passed:
-        raise OpsError(what, f"rolled back to {fallback[:12]}, which is healthy") from None
+    if outcome.gate.passed:
+        raise OpsError(what, f"rolled back to {fallback[:12]}, which is healthy in {outcome.slot}"
+                             + ("" if outcome.switched else " (nginx never left it)")) from None
     raise OpsError(f"{what}; the rollback to {fallback[:12]} is unhealthy too", "check `deploy.status` and the api logs now") from None
 
 
@@ -319,43 +316,32 @@ def history(ops):
         extra = f" -> rolled back to {r.rolled_back_to[:12]}" if r.rolled_back_to else ""
         where = f" (during {r.phase})" if r.phase else ""
         ops.reporter.info(f"  {r.started or r.finished:<20} {r.kind:<8} {r.sha[:12]:<12} {r.result:<11} "
-                          f"schema {r.schema or '-':<4} {r.who}{where}{extra}")
+                          f"slot {r.slot or '-'}  schema {r.schema or '-':<4} {r.who}{where}{extra}")
     if not log:
         ops.reporter.info("  no releases yet")
     if log.skipped:
         ops.reporter.info(f"  warning: skipped {log.skipped} unreadable line(s) of {state.log_path(app.state_dir)}")
 
 
-@ops_task
+@ops_task(fleet=READS)
 def status(ops):
-    """What runs now (the api's image, not just the checkout), health, and the deploy lock."""
+    """What runs now: the slot nginx sends the api to, what each slot holds, health, the deploy lock."""
     app = App.from_settings(ops.settings)
-    facts = gather(ops.target, {
-        "head": f"git -C {shlex.quote(app.dir)} rev-parse --short=12 HEAD",
-        "running": app.compose("images --format json api"),
-        "containers": app.compose("ps --format '{{.Service}} {{.State}} {{.Status}}'"),
-        "health": f"curl -s -m 3 -o /dev/null -w '%{{http_code}}' {shlex.quote(app.health_url)}",
-        "lock": lock.status_command(app.state_dir),
-    }, sudo=False)
-    ops.reporter.info(f"  running     {running_sha(facts['running'].stdout) or 'no api container'}")
+    facts = gather(ops.target, {**slots.probes(app), **slots.health_probes(app),
+                                "head": f"git -C {shlex.quote(app.dir)} rev-parse --short=12 HEAD",
+                                "lock": lock.status_command(app.state_dir)}, sudo=False)
+    layout, answers = slots.layout_from(facts, app), slots.answers(facts, app)
+    for line in slots.describe(layout, answers):
+        ops.reporter.info(f"  {line}")
     ops.reporter.info(f"  checkout    {facts['head'].stdout or 'no checkout'}")
-    ops.reporter.info(f"  health      HTTP {facts['health'].stdout or '---'} from {app.health_url}")
     held = lock.LockInfo.parse(facts["lock"].stdout) if facts["lock"].ok else None
     ops.reporter.info(f"  lock        {held.describe() if held else 'free'}")
-    for line in facts["containers"].lines:
-        ops.reporter.info(f"  container   {line}")
-    if facts["health"].stdout != "200":
-        raise OpsError(f"the app on {ops.where} is not healthy", "see `deploy.history` and the api logs")
-
-
-def running_sha(images_json: str) -> str:
-    """The release the api container runs: its image is tagged with the sha."""
-    try:
-        images = json.loads(images_json or "[]")
-    except json.JSONDecodeError:
-        return ""
-    tags = [image.get("Tag", "") for image in images if isinstance(image, dict)] if isinstance(images, list) else []
-    return next((tag[:12] for tag in tags if tag and tag != "latest"), "")
+    for service, container in sorted(layout.containers.items()):
+        ops.reporter.info(f"  container   {service} {container.state}")
+    serving = layout.serving()
+    if serving is None or (layout.running(serving) and answers[serving.name] != "200") or layout.maintenance:
+        raise OpsError(f"the app on {ops.where} is not healthy" + (" (maintenance page on)" if layout.maintenance else ""),
+                       "see `deploy.history` and the api logs; `deploy.recover` settles a release that was cut off")
 
 
 @ops_task(help={"yes": "do not ask for confirmation"})

@@ -14,6 +14,7 @@ from invoke import Collection
 from .core import remote, templates
 from .core.batch import gather
 from .core.errors import OpsError
+from .core.fleet import CHANGES, READS
 from .core.steps import Change, Facts, Plan, Step
 from .core.task import ops_task
 
@@ -43,7 +44,7 @@ def docker_step() -> Step:
     )
 
 
-@ops_task(default=True)
+@ops_task(default=True, fleet=CHANGES)
 def install(ops):
     """Install nginx, certbot and Docker + compose v2 (keeps a working Docker)."""
     ops.run_steps([
@@ -54,7 +55,7 @@ def install(ops):
     ])
 
 
-@ops_task
+@ops_task(fleet=READS)
 def check(ops):
     """Print the installed version of each dependency; exit 1 if any is missing."""
     found = gather(ops.target, VERSION_PROBES)

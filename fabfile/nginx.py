@@ -4,11 +4,20 @@ Runbook (`fab -H coachntt@HOST nginx`):
     0. ports 80/443    held by nginx or by nobody; another program there (`ss -ltnp`) is
                        named and nothing is changed (exit 1): nginx could not bind them
     1. default site    removed, so only our servers answer
-    2. site config     conf.d/coachntt.conf from configs/nginx/coachntt.conf.j2:
-                       api / metrics / staging servers, /ws upgrade, rate limit,
-                       security headers; `nginx -t` before reload, the previous
+    2. api upstream    /etc/nginx/coachntt/api-upstream.conf, the include naming the
+                       api slot nginx sends requests to: written once (slot a) when
+                       missing, never overwritten (deploy and rollback own it, see
+                       core/slots.py); the maintenance page beside it
+    3. old workers     worker_shutdown_timeout (main context, modules-enabled/): a
+                       bound on old workers after a reload, longer than a cutover's drain
+    4. site config     conf.d/coachntt.conf from configs/nginx/coachntt.conf.j2:
+                       api / metrics / staging (when staging.enabled) servers, /ws
+                       upgrade, rate limit, security headers, the api's 503 page
+                       while a breaking migration runs; a site the `coachntt`
+                       certificate names (ssl.issue) is served over TLS with HSTS and
+                       its HTTP redirects; `nginx -t` before reload, the previous
                        file restored if the test fails
-    3. nginx running
+    5. nginx running
 `nginx.status` shows whether nginx runs, its config test, who holds :80/:443, and what each
 domain answers; it fails when something other than nginx answers there.
 """
@@ -20,48 +29,105 @@ import shlex
 
 from invoke import Collection
 
-from .core import remote, templates
-from .core.batch import gather
+from .core import certificates, remote, slots, templates
+from .core.batch import ProbeResult, gather
 from .core.errors import OpsError
+from .core.fleet import CHANGES
 from .core.steps import Change, Facts, Plan, Step
 from .core.task import ops_task
 
-SITE_FILE = "/etc/nginx/conf.d/coachntt.conf"
+SITE_FILE = slots.SITE_FILE
+# Main context: nginx.conf includes this directory at its top level (Debian, Ubuntu).
+SHUTDOWN_FILE = "/etc/nginx/modules-enabled/90-coachntt-shutdown.conf"
 DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
 SITE_NAMES = ("api", "metrics", "staging")
-# Braced: `a && nginx -t && reload || restart` would restart on a failed test.
-TEST_AND_RELOAD = "{ systemctl reload nginx || systemctl restart nginx; }"
 WEB_PORTS = ("80", "443")
 LISTENERS = "ss -ltnpH '( sport = :80 or sport = :443 )'"
 _USER = re.compile(r'\("([^"]+)",pid=(\d+)')
+# nginx 1.25.1 moved HTTP/2 from `listen ... http2` (deprecated since) to `http2 on;`;
+# Ubuntu 24.04 ships 1.24, Debian 13 1.26.
+HTTP2_DIRECTIVE_SINCE = (1, 25, 1)
+_NGINX_VERSION = re.compile(r"nginx/(\d+)\.(\d+)\.(\d+)")
 
 
 def site_settings(settings) -> list[dict]:
-    """The sites from settings (their values were validated with the settings)."""
+    """The sites from settings (their values were validated with the settings); staging only when enabled.
+    The api goes to the upstream the slot include defines (core/slots.py), not to one address."""
+    names = [name for name in SITE_NAMES if name != "staging" or settings.get("staging.enabled", True)]
     return [
-        {"name": name, "domain": settings.require(f"domains.{name}"), "upstream": settings.require(f"upstreams.{name}")}
-        for name in SITE_NAMES
+        {"name": name, "domain": settings.require(f"domains.{name}"),
+         "upstream": slots.UPSTREAM if name == "api" else settings.require(f"upstreams.{name}")}
+        for name in names
     ]
 
 
-def site_step(settings) -> Step:
-    sites = site_settings(settings)
-    rate, burst = str(settings.require("rate_limit.rate")), int(settings.require("rate_limit.burst"))
+def http2_directive(nginx_v: ProbeResult) -> bool:
+    """True when this nginx wants `http2 on;` (>= 1.25.1), False for `listen 443 ssl http2`. Pure.
+
+    An nginx that does not say its version gets the current form; `nginx -t` judges it.
+    """
+    found = _NGINX_VERSION.search(nginx_v.stdout)
+    return not found or tuple(int(part) for part in found.groups()) >= HTTP2_DIRECTIVE_SINCE
+
+
+def render_site(settings, facts: Facts) -> str:
+    """The site file for these facts: TLS for each site the `coachntt` certificate names. Pure."""
+    certificate = certificates.parse_certificate(facts["certificate"])
+    return templates.render(
+        "nginx/coachntt.conf.j2",
+        sites=[{**site, "tls": bool(certificate and certificate.covers(site["domain"]))} for site in site_settings(settings)],
+        rate=str(settings.require("rate_limit.rate")),
+        burst=int(settings.require("rate_limit.burst")),
+        certificate=certificates.LIVE_DIR,
+        webroot=certificates.WEBROOT,
+        http2_directive=http2_directive(facts["nginx_version"]),
+        api_upstream=slots.UPSTREAM,
+        upstream_file=slots.UPSTREAM_FILE,
+        maintenance_dir=slots.UPSTREAM_DIR,
+        maintenance_page=slots.MAINTENANCE_PAGE,
+        retry_after=int(settings.require("cutover.retry_after")),
+    )
+
+
+def upstream_step(settings) -> Step:
+    """The api slot include: created (naming slot a, the first release's slot) only when
+    missing. Once there, deploy and rollback own it: rewriting it here would move traffic."""
+    first = slots.Slot("a", int(settings.require("cutover.port_a")))
 
     def plan(facts: Facts) -> Plan:
-        # A site gets TLS once its certificate exists (ssl.issue puts it there).
-        with_tls = set(facts["certificates"].lines)
-        rendered = templates.render(
-            "nginx/coachntt.conf.j2",
-            sites=[{**site, "tls": site["domain"] in with_tls} for site in sites],
-            rate=rate,
-            burst=burst,
-        )
-        return remote.file_step("site config", SITE_FILE, rendered, validate="nginx -t -q", then=TEST_AND_RELOAD).plan(facts)
+        if facts["include"].ok:
+            return Plan.ok(f"{slots.UPSTREAM_FILE} present (deploy and rollback own it)")
+        write = remote.write_file_command(slots.UPSTREAM_FILE, slots.render_upstream(first), "0644", "root:root")
+        return Plan.change(Change(f"create {slots.UPSTREAM_FILE} (api -> {first}, before the first release)", write))
+
+    return Step("api upstream", probes={"include": f"test -f {slots.UPSTREAM_FILE}"}, plan=plan)
+
+
+def maintenance_page_step() -> Step:
+    page = templates.render(f"nginx/{slots.MAINTENANCE_PAGE}")
+    return remote.file_step("maintenance page", f"{slots.UPSTREAM_DIR}/{slots.MAINTENANCE_PAGE}", page)
+
+
+def shutdown_step(settings) -> Step:
+    """worker_shutdown_timeout: how long old workers may outlive a reload."""
+    seconds = slots.nginx_shutdown_seconds(int(settings.require("cutover.drain_seconds")))
+    content = templates.render("nginx/coachntt-shutdown.conf.j2", seconds=seconds)
+    return remote.file_step("old workers bounded", SHUTDOWN_FILE, content, validate="nginx -t -q", then=remote.RELOAD_NGINX)
+
+
+def site_step(settings) -> Step:
+    # A missing domain, upstream or rate setting is refused now, before any connection.
+    site_settings(settings), settings.require("rate_limit.rate"), settings.require("rate_limit.burst")
+    settings.require("cutover.retry_after")
+
+    def plan(facts: Facts) -> Plan:
+        # A site gets TLS once the certificate names it (ssl.issue puts it there).
+        rendered = render_site(settings, facts)
+        return remote.file_step("site config", SITE_FILE, rendered, validate="nginx -t -q", then=remote.RELOAD_NGINX).plan(facts)
 
     return Step(
         "site config",
-        probes={**remote.file_probes(SITE_FILE), "certificates": "ls /etc/letsencrypt/live"},
+        probes={**remote.file_probes(SITE_FILE), "certificate": certificates.CERTIFICATE_PROBE, "nginx_version": "nginx -v 2>&1"},
         plan=plan,
     )
 
@@ -70,7 +136,7 @@ def default_site_step() -> Step:
     def plan(facts: Facts) -> Plan:
         if not facts["default"].ok:
             return Plan.ok("default site not enabled")
-        return Plan.change(Change(f"remove {DEFAULT_SITE}", f"rm -f {DEFAULT_SITE} && nginx -t -q && {TEST_AND_RELOAD}"))
+        return Plan.change(Change(f"remove {DEFAULT_SITE}", f"rm -f {DEFAULT_SITE} && nginx -t -q && {remote.RELOAD_NGINX}"))
 
     return Step("default site removed", probes={"default": f"test -e {DEFAULT_SITE}"}, plan=plan)
 
@@ -116,12 +182,14 @@ def web_ports_step() -> Step:
     return Step("ports 80/443 for nginx", probes={"listeners": LISTENERS}, plan=plan)
 
 
-@ops_task(default=True)
+@ops_task(default=True, fleet=CHANGES)
 def install(ops):
     """Render and install the sites, test, reload (old config restored on failure)."""
     # The distribution's default site goes first: it claims default_server on :80 too.
     # Every step's facts are read and planned before any applies: a foreign listener stops it all.
-    steps = [web_ports_step(), default_site_step(), site_step(ops.settings), remote.service_step("nginx running", "nginx")]
+    # The include the site file names exists before the site is tested.
+    steps = [web_ports_step(), default_site_step(), upstream_step(ops.settings), maintenance_page_step(),
+             shutdown_step(ops.settings), site_step(ops.settings), remote.service_step("nginx running", "nginx")]
     ops.run_steps(steps)
 
 

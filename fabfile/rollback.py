@@ -1,4 +1,4 @@
-"""rollback: put a release that was healthy back in service.
+"""rollback: put a release that was healthy back in service, without dropping a request.
 
 Runbook (`fab -H coachntt@HOST rollback [--to <sha>] [--with-db]`):
     1. choose the target    --to must be a release that went live (release log);
@@ -9,31 +9,27 @@ Runbook (`fab -H coachntt@HOST rollback [--to <sha>] [--with-db]`):
     3. (--with-db)          restore that backup into a new database, check it
                             against its manifest, swap it in (the live one is
                             kept as <db>_before_<stamp>, never dropped)
-    4. switch               checkout + up -d --force-recreate, health gate
-    5. release log entry
+    4. cutover              the same as a deploy's (core/slots.py): the target's
+                            slot still holds its container when it served last,
+                            so it only starts (no build); health gate on its own
+                            port, nginx switched to it, the slot serving now
+                            drained and stopped. A target that fails its gate
+                            is never switched to: what serves, serves on
+    5. release log entry    with the slot
 `rollback.list` shows the candidates.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import shlex
 
 from invoke import Collection
 
-from .core import backups, lock, state
-from .core.app import (
-    App,
-    gate_and_record,
-    phase,
-    preflight_error,
-    release_facts,
-    release_lock,
-    switch_to,
-    validate_sha,
-)
+from .core import backups, lock, slots, state
+from .core.app import CODE_UMASK, App, checkout, preflight_error, release_facts, report_failed_gate, validate_sha
+from .core.cutoff import phase, release_lock
 from .core.errors import OpsError, UsageError
 from .core.state import live_schema, schema_of
-from .core.target import Target
 from .core.task import ops_task
 
 
@@ -57,14 +53,6 @@ def choose_target(log: list[state.Release], to: str) -> tuple[state.Release, str
     return current, previous
 
 
-def restore_database(target: Target, app: App, backup: str, reporter) -> None:
-    """The safe restore (core/backups.py): into a new database, checked, then swapped
-    in; the live database is kept beside it and never dropped."""
-    when = datetime.now(UTC)
-    database, _ = backups.restore_checked(target, app, backups.split_path(backup, app.backup_dir), when, reporter)
-    backups.swap(target, app, database, f"{app.db_name}_before_{backups.stamp(when)}")
-
-
 @ops_task(default=True, help={
     "to": "sha of a release that went live (default: the previous good one)",
     "with_db": "also restore the database backup taken before the release being undone",
@@ -77,10 +65,15 @@ def rollback(ops, to="", with_db=False, yes=False, break_lock=False, lock_wait=0
     validate_sha(to, flag="--to")
     app = App.from_settings(ops.settings)
     if ops.dry:
-        current, target_sha, backup = plan_rollback(ops, release_facts(ops.target, app).log, to, with_db, yes=True)
+        host = release_facts(ops.target, app)
+        current, target_sha, backup = plan_rollback(ops, host.log, to, with_db, yes=True)
         if with_db:
             backups.split_path(backup, app.backup_dir)
-        ops.reporter.info(f"  would roll back {current.sha[:12]} -> {target_sha[:12]}" + (f" and restore {backup}" if with_db else ""))
+        slot, serving = host.layout.slot_for(target_sha), host.layout.serving()
+        warm = "its container is kept: started, not rebuilt" if host.layout.sha(slot) == target_sha else "started there"
+        ops.reporter.info(f"  would roll back {current.sha[:12]} -> {target_sha[:12]}" + (f" and restore {backup}" if with_db else "")
+                          + f": {slot} ({warm}), health gate, switch nginx to it"
+                          + (f", drain {serving} (at most {app.drain_seconds}s)" if serving and serving != slot else ""))
         return
 
     if break_lock:
@@ -95,25 +88,36 @@ def rollback(ops, to="", with_db=False, yes=False, break_lock=False, lock_wait=0
         if problem:
             raise problem
         entry = state.Release(sha=target_sha, kind="rollback", previous=current.sha, who=state.operator(),
-                              started=state.now(),
+                              started=state.now(), slot=host.layout.slot_for(target_sha).name,
                               # The database keeps its schema unless we restore the older dump.
                               schema=schema_of(host.log, target_sha) if with_db else live_schema(host.log))
         held.release = entry
         try:
             if with_db:
                 with phase(ops, held, "restore database", reason=backup):
-                    restore_database(held, app, backup, ops.reporter)
-            with phase(ops, held, f"switch to {target_sha[:12]}"):
-                switch_to(held, app, target_sha, recreate=True)
+                    backups.restore_in_place(held, app, backup, ops.reporter, api=host.layout.answering().service)
+            with phase(ops, held, "checkout", reason=target_sha[:12]):
+                checkout(held, app, target_sha)
+            outcome = slots.serve(held, app, target_sha, lambda name, reason="": phase(ops, held, name, reason),
+                                  layout=None if with_db else host.layout)
+            if not outcome.gate.passed:
+                report_failed_gate(ops.reporter, outcome.gate)
+                raise OpsError(f"{target_sha[:12]} did not answer 200 on {outcome.slot}'s /health within {app.health_deadline}s",
+                               f"nothing was switched: {current.sha[:12]} serves on; see the responses above")
         except OpsError as exc:
             if exc.keeps_lock:  # cut off: recover finishes it
                 raise
             entry.result, entry.finished, entry.phase, entry.message = state.RESULT_FAILED, state.now(), held.phase, exc.one_line()
             state.append(ops.target, app.state_dir, entry)
+            # Nothing was switched: the checkout goes back to what serves (a failure here changes nothing more).
+            held.run(app.in_dir(f"{CODE_UMASK} && git checkout --quiet --force --detach {shlex.quote(current.sha)}"), user=app.owner,
+                     check=False, timeout=300)
             raise
-        unhealthy = OpsError(f"rolled back to {target_sha[:12]} but /health did not answer 200", "see the responses above")
-        with phase(ops, held, "health gate"):
-            gate_and_record(held, ops.reporter, app, entry, unhealthy, log_target=ops.target)
+        entry.result, entry.finished = state.RESULT_OK, state.now()
+        state.append(ops.target, app.state_dir, entry)
+        ops.reporter.info(f"  live: {target_sha[:12]} in {outcome.slot}" + (f"; old slot: {outcome.drained}" if outcome.drained else ""))
+        if outcome.warning:
+            ops.reporter.info(f"  warning: {outcome.warning}")
 
 
 def plan_rollback(ops, log: list[state.Release], to: str, with_db: bool, *, yes: bool) -> tuple[state.Release, str, str]:

@@ -22,6 +22,9 @@ Runbook (`fab -H root@HOST -i KEY secure`):
                                        firewall.allow BEFORE enabling, deny the rest
     8. fail2ban                        sshd jail on the journal
     9. unattended security upgrades
+   10. OS baseline                     fabfile/os_baseline.py: login.defs, pam_tmpdir, module
+                                       blacklist, sysctl, needrestart, debsums, auditd, acct,
+                                       login banner; `baseline.skip` leaves items alone
 
 After the first run, use `fab -H coachntt@HOST secure`; a second run changes nothing.
 `secure.audit` reads the host once and reports each hardening item.
@@ -36,9 +39,11 @@ from dataclasses import dataclass
 
 from invoke import Collection
 
+from . import os_baseline
 from .core import remote, templates
 from .core.batch import gather
 from .core.errors import AuthError, OpsError, UsageError
+from .core.fleet import CHANGES, READS
 from .core.steps import Change, Facts, Plan, Step
 from .core.target import LocalTarget, RemoteTarget, login_public_keys, second_login
 from .core.task import ops_task
@@ -122,7 +127,10 @@ def deploy_user_step(user: str, groups: list[str]) -> Step:
             # Docker may come later (deps); the group must exist for usermod now.
             changes.append(Change("create group docker", "groupadd --system docker"))
         if not facts["groups"].ok:
-            changes.append(Change(f"create user {user}", f"useradd --create-home --shell /bin/bash {shlex.quote(user)}"))
+            # Its own group (login.defs' USERGROUPS_ENAB is off once the baseline ran) and no
+            # password ageing: a key-only account must never be told its password expired.
+            changes.append(Change(f"create user {user}", f"useradd --create-home --user-group -K PASS_MAX_DAYS=-1 "
+                                                         f"--shell /bin/bash {shlex.quote(user)}"))
             missing = groups
         else:
             missing = [g for g in groups if g not in facts["groups"].stdout.split()]
@@ -419,7 +427,7 @@ def prove_login_after_reload(ops, user: str, undo: Change) -> None:
 # -- tasks ----------------------------------------------------------------------
 
 
-@ops_task(default=True, help={
+@ops_task(default=True, fleet=CHANGES, help={
     "keys": "public key line(s) for the deploy user, comma separated (default: settings, else the key this run used)",
 })
 def secure(ops, keys=""):
@@ -462,6 +470,7 @@ def secure(ops, keys=""):
     if hardening:
         prove_login_after_reload(ops, user, sshd_plan.undo)
     ops.apply(rest)
+    ops.run_steps(os_baseline.baseline_steps(settings.get("baseline.skip") or []))
 
 
 AUDIT_PROBES = {
@@ -513,18 +522,24 @@ def audit_findings(facts: Facts, allowed_ports: set[str]) -> list[tuple[str, boo
     ]
 
 
-@ops_task
+@ops_task(fleet=READS)
 def audit(ops):
     """Report each hardening item as pass/fail (one round trip); exit 1 if any fails."""
     allowed_ports = {rule.split("/")[0] for rule in ops.settings.require("firewall.allow")}
-    facts = gather(ops.target, AUDIT_PROBES)
-    findings = audit_findings(facts, allowed_ports)
-    for item, passed, detail in findings:
-        ops.reporter.info(f"  {'pass' if passed else 'FAIL':<5} {item:<32} {detail}")
-    failed = [item for item, passed, _ in findings if not passed]
+    skip = ops.settings.get("baseline.skip") or []
+    # One round trip: secure's probes and the baseline's (prefixed) together.
+    facts = gather(ops.target, {**AUDIT_PROBES, **{f"baseline.{k}": v for k, v in os_baseline.AUDIT_PROBES.items()}})
+    baseline_facts = {k: facts[f"baseline.{k}"] for k in os_baseline.AUDIT_PROBES}
+    findings = [(item, "pass" if passed else "fail", detail) for item, passed, detail in audit_findings(facts, allowed_ports)]
+    findings += [(f"baseline {item}", status, detail) for item, status, detail in os_baseline.audit_findings(baseline_facts, skip)]
+    for item, status, detail in findings:
+        ops.reporter.info(f"  {status.upper() if status == 'fail' else status:<5} {item:<32} {detail}")
+    failed = [item for item, status, _ in findings if status == "fail"]
     if failed:
         raise OpsError(f"{len(failed)} hardening item(s) fail on {ops.where}: {', '.join(failed)}", "run `secure` to fix them")
-    ops.reporter.info(f"{ops.where}: all {len(findings)} hardening items pass")
+    skipped = sum(1 for _, status, _ in findings if status == "skipped")
+    ops.reporter.info(f"{ops.where}: all {len(findings) - skipped} hardening items pass"
+                      + (f", {skipped} skipped" if skipped else ""))
 
 
 ns = Collection("secure")

@@ -58,3 +58,14 @@ def network_guard():
         mp.setattr(socket.socket, "connect", connect)
         mp.setattr(socket.socket, "connect_ex", connect_ex)
         yield
+
+
+# With pytest-xdist (`-n 2`, the README's test command) each module runs whole, in order, on
+# one worker: a module's tests share module-scoped hosts and build on each other. A module
+# that marks itself with an xdist_group shares a worker with the other modules of that group.
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+

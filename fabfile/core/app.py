@@ -7,24 +7,22 @@ moves they share, each one round trip:
                    database container and disk, read at once and checked
                    before anything changes
     fetch_sha      git fetch + resolve the wanted sha (unknown sha -> exit 2)
-    switch_to      checkout the sha, (re)create the containers
-    health_gate    poll /health until 200 or the deadline; on failure, why
-    release_lock   the deploy lock, and what a cut-off run leaves behind:
-                   settle() puts back a release that serves and records it
+    checkout       the sha in the app directory (what builds and compose read)
+    health_gate    poll a slot's /health until 200 or the deadline; on failure, why
+
+Which api slot serves and how a release moves between slots is core/slots.py; the
+deploy lock a release runs under and what a cut-off run leaves behind, core/cutoff.py.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from . import lock, redact, state, templates
+from . import redact, slots, state, templates
 from .batch import ProbeResult, gather
-from .errors import ConfigError, Interrupted, LeftRunning, OpsError, Stop, UsageError, from_connection_failure
+from .errors import ConfigError, OpsError, UsageError
 from .settings import Settings
 from .target import Target, command_failed
 
@@ -56,8 +54,12 @@ class App:
     db_name: str
     owner: str
     disk_free_percent_min: int
+    data_dir: str = "/opt/coachntt/data"
     # A backup starts only with the last one's size plus this much free in backup.dir.
     backup_min_free_mb: int = 64
+    # The api's two slots (compose services api_a, api_b) publish these loopback ports (core/slots.py).
+    slot_ports: tuple[int, int] = (8000, 8002)
+    drain_seconds: int = 30
 
     @classmethod
     def from_settings(cls, s: Settings) -> App:
@@ -78,18 +80,24 @@ class App:
             db_name=s.require("backup.db_name"),
             owner=s.require("deploy_user"),
             disk_free_percent_min=int(s.require("thresholds.disk_free_percent_min")),
+            data_dir=s.require("app.data_dir"),
             backup_min_free_mb=int(s.get("backup.min_free_mb", 64)),
+            slot_ports=(int(s.require("cutover.port_a")), int(s.require("cutover.port_b"))),
+            drain_seconds=int(s.require("cutover.drain_seconds")),
         )
 
     def in_dir(self, command: str) -> str:
         return f"cd {shlex.quote(self.dir)} && {command}"
 
     def compose(self, args: str, sha: str = "") -> str:
-        """`docker compose` with our files; APP_VERSION tags the api image by release."""
+        """`docker compose` with our files; APP_VERSION tags the api image by release,
+        API_A_PORT / API_B_PORT are the slots' ports (always given: a slot's definition
+        must not change between two commands, or compose would recreate it)."""
         files = " ".join(f"-f {shlex.quote(f)}" for f in self.compose_files)
+        ports = f"API_A_PORT={int(self.slot_ports[0])} API_B_PORT={int(self.slot_ports[1])} "
         version = f"APP_VERSION={shlex.quote(sha)} " if sha else ""
         # --ansi never: compose's progress escapes would garble logs we print.
-        return self.in_dir(f"{version}docker compose --ansi never {files} {args}")
+        return self.in_dir(f"{ports}{version}docker compose --ansi never {files} {args}")
 
 
 # fetch_sha's own exit codes: the fetch failed, or it worked and the commit is not there.
@@ -129,11 +137,15 @@ def fetch_sha(target: Target, app: App, sha: str) -> str:
     return full_sha
 
 
-def switch_to(target: Target, app: App, sha: str, *, recreate: bool = False) -> None:
-    """Check out `sha` and bring the whole stack up on it."""
-    flags = "--force-recreate " if recreate else ""
-    target.run(app.in_dir(f"git checkout --quiet --force --detach {shlex.quote(sha)}"), user=app.owner, timeout=300)
-    target.run(app.compose(f"up -d --remove-orphans {flags}", sha), user=app.owner, timeout=600)
+# The checkout is the image's build context: COPY keeps its modes and the app runs as an
+# unprivileged user in its container, so code must be world-readable whatever the
+# login's umask is (secure's OS baseline sets 027). Secrets get their own modes.
+CODE_UMASK = "umask 022"
+
+
+def checkout(target: Target, app: App, sha: str) -> None:
+    """`sha` in the app directory: builds and compose read it, `deploy.status` shows it."""
+    target.run(app.in_dir(f"{CODE_UMASK} && git checkout --quiet --force --detach {shlex.quote(sha)}"), user=app.owner, timeout=300)
 
 
 @dataclass(frozen=True)
@@ -143,13 +155,15 @@ class GateResult:
     logs: str = ""
 
 
-def health_gate(target: Target, app: App, *, deadline: int | None = None) -> GateResult:
-    """Poll /health; on failure also fetch the api's last log lines (same round trip)."""
+def health_gate(target: Target, app: App, *, url: str, service: str, deadline: int | None = None) -> GateResult:
+    """Poll `url` (a slot's /health, core/slots.py); on failure also fetch the last log
+    lines of its compose `service` (same round trip)."""
     script = shlex.quote(templates.script("health-gate.sh"))
-    url, limit = shlex.quote(app.health_url), deadline if deadline is not None else app.health_deadline
+    limit = deadline if deadline is not None else app.health_deadline
     result = target.run(
-        f"sh -c {script} health-gate {url} {shlex.quote(str(limit))} {shlex.quote(str(app.health_interval))}"
-        f" || {{ status=$?; echo '--- api logs ---'; {app.compose('logs --no-color --tail 20 api')} 2>&1; exit $status; }}",
+        f"sh -c {script} health-gate {shlex.quote(url)} {shlex.quote(str(limit))} {shlex.quote(str(app.health_interval))}"
+        f" || {{ status=$?; echo '--- api logs ---'; {app.compose('logs --no-color --tail 20 ' + shlex.quote(service))} 2>&1; "
+        "exit $status; }",
         check=False,
         user=app.owner,
         timeout=limit + 120,
@@ -165,11 +179,14 @@ class HostState:
     log: state.ReleaseLog
     head: str
     facts: dict[str, ProbeResult]
+    layout: slots.Layout
 
 
 def release_probes(app: App) -> dict[str, str]:
     directory = shlex.quote(app.dir)
     return {
+        **slots.probes(app),
+        "nginx": "systemctl is-active --quiet nginx",
         "log": state.read_log_command(app.state_dir),
         "head": f"git -C {directory} rev-parse HEAD",
         "env": f"test -f {shlex.quote(app.dir + '/' + app.env_file)}",
@@ -185,7 +202,7 @@ def release_facts(target: Target, app: App) -> HostState:
     """The release log, the checkout and the preconditions of a release, in one round trip."""
     facts = gather(target, release_probes(app), sudo=False)
     log = state.parse_log(facts["log"].stdout)
-    return HostState(log, facts["head"].stdout.strip() if facts["head"].ok else "", facts)
+    return HostState(log, facts["head"].stdout.strip() if facts["head"].ok else "", facts, slots.layout_from(facts, app))
 
 
 def preflight_error(host: HostState, app: App, where: str) -> OpsError | None:
@@ -206,6 +223,11 @@ def preflight_error(host: HostState, app: App, where: str) -> OpsError | None:
     if state.current_release(host.log) and not facts["database"].ok:
         return OpsError(f"the database container {app.db_container} is not answering on {where}, but releases exist",
                         "start it (`docker compose up -d postgres` in the app directory) and rerun; nothing changed")
+    if not (host.layout.include and host.layout.site_uses_slots):
+        return ConfigError(f"nginx on {where} does not send the api through the slot upstream ({slots.UPSTREAM_FILE})",
+                           "run `nginx` first: releases switch nginx between the api's two slots; nothing changed")
+    if not facts["nginx"].ok:
+        return OpsError(f"nginx is not running on {where}", "start it (`sudo systemctl start nginx`) and rerun; nothing changed")
     for line in facts["disk"].lines:  # "<mount> <used>%"
         mount, _, used = line.rpartition(" ")
         if not used.rstrip("%").isdigit():
@@ -226,127 +248,3 @@ def report_failed_gate(reporter, gate: GateResult) -> None:
         reporter.info("  api container, last log lines:")
         for line in gate.logs.splitlines()[-20:]:
             reporter.info(f"    {line}")
-
-
-def gate_and_record(target: Target, reporter, app: App, release: state.Release, failure: OpsError,
-                    *, log_target: Target | None = None) -> None:
-    """Health gate, then the release's log entry with its result; a failed gate
-    shows what the service said and raises `failure`."""
-    gate = health_gate(target, app)
-    release.result, release.finished = (state.RESULT_OK if gate.passed else state.RESULT_FAILED), state.now()
-    if not gate.passed:
-        release.phase = "health gate"
-    state.append(log_target or target, app.state_dir, release)
-    if not gate.passed:
-        report_failed_gate(reporter, gate)
-        raise failure
-
-
-# -- a release cut off halfway ------------------------------------------------------
-
-
-@contextmanager
-def release_lock(ops, app: App, sha: str, message: str, *, wait: int = 0) -> Iterator[lock.HeldLock]:
-    """The deploy lock for a release, and what happens when the run is cut off:
-
-    first Ctrl-C      the running phase finishes on the server, then settle()
-                      puts back what served before, logs it, frees the lock
-    a second Ctrl-C,  leave at once: the release is logged as interrupted (now,
-    SIGTERM (CI)      or by the phase when it ends) and the lock stays held
-                      for `deploy.recover`
-    lost connection   the same, said by lock.HeldLock
-    """
-    with lock.deploy_lock(ops.target, app.state_dir, sha, message, wait=wait) as held:
-        try:
-            yield held
-        except KeyboardInterrupt as stop:
-            stop_cleanly(ops, app, held, stop)
-        except OpsError:
-            raise
-        except Exception as exc:  # the connection died between two phases
-            if from_connection_failure(exc, held.label) is None:
-                raise
-            raise held.lost(str(exc) or type(exc).__name__) from None
-
-
-@contextmanager
-def phase(ops, held: lock.HeldLock, name: str, reason: str = "") -> Iterator[None]:
-    """A reported phase of a release; its commands run on the server under the lock, named."""
-    held.phase = name
-    with ops.reporter.phase(name, reason=reason):
-        yield
-
-
-def stop_cleanly(ops, app: App, held: lock.HeldLock, stop: KeyboardInterrupt) -> None:
-    phase = held.phase
-    if held.release is None:  # nothing has changed yet: let a running read end, free the lock
-        try:
-            settle(ops.target, ops.reporter, app, held, held.wait_for_phase(60))
-        except (KeyboardInterrupt, Exception):
-            leave_now(ops, held, phase)
-        raise Interrupted(f"interrupted during {phase}, before anything changed", "rerun when ready") from None
-    if not isinstance(stop, Stop):
-        ops.reporter.info(f"  interrupted: letting '{phase}' finish on the server, then putting back what served before "
-                          "(Ctrl-C again to leave now)")
-        try:
-            info = held.wait_for_phase(3600)
-            _, outcome = settle(ops.target, ops.reporter, app, held, info)
-        except KeyboardInterrupt:
-            pass
-        else:
-            raise Interrupted(f"interrupted during {phase}; {outcome}") from None
-    leave_now(ops, held, phase)
-
-
-def leave_now(ops, held: lock.HeldLock, phase: str) -> None:
-    """Record the release as interrupted and go, the lock held: a phase may still run."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        held.abandon()
-        hint = f"run `deploy.recover` on {ops.where} to settle it and free the lock"
-    except Exception:
-        hint = f"could not record it on {ops.where}; when the host answers, run `deploy.recover`"
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    raise LeftRunning(f"interrupted during {phase}: it goes on on the server under the deploy lock", hint) from None
-
-
-def settle(target: Target, reporter, app: App, held: lock.HeldLock, info: lock.LockInfo) -> tuple[bool, str]:
-    """After a cut-off release (its phase has ended): put back a release that
-    serves — the one before a deploy, the target of a rollback — gate it,
-    log what happened, free the lock. Returns (healthy, what it did in words)."""
-    release, phase = held.release, info.phase or held.phase
-    if release is None:
-        held.release_lock()
-        return True, "nothing had changed"
-    goal = release.sha if release.kind == "rollback" else release.previous
-    entry = replace(release, result=state.RESULT_INTERRUPTED, phase=phase, finished=state.now(),
-                    message=f"interrupted during {phase}")
-    passed = False
-    if goal:
-        held.phase = "recover"
-        with reporter.phase(f"put back {goal[:12]}"):
-            switch_to(held, app, goal)
-            gate = health_gate(held, app)
-        passed = gate.passed
-        if not passed:
-            report_failed_gate(reporter, gate)
-    if release.kind == "rollback":
-        entry.result = state.RESULT_OK if passed else state.RESULT_FAILED
-        entry.message = f"finished after an interruption during {phase}"
-    elif passed:
-        entry.rolled_back_to = goal
-    if info.recorded and release.kind != "rollback":
-        # The interruption is in the log already: add the way back to it.
-        entry = state.Release(sha=goal, kind="rollback", previous=release.sha, who=state.operator(), started=entry.finished,
-                              finished=state.now(), result=state.RESULT_OK if passed else state.RESULT_FAILED,
-                              message=f"recover: put back after {release.sha[:12]} was interrupted during {phase}")
-    if goal or not info.recorded:
-        state.append(target, app.state_dir, entry)
-    held.release_lock()
-    if not goal:
-        return False, f"nothing served before {release.sha[:12]}: deploy again"
-    if passed:
-        return True, f"{goal[:12]} is back and healthy"
-    return False, f"{goal[:12]} is back but /health does not answer 200: check `deploy.status` and the api logs now"

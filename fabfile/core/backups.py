@@ -1,15 +1,17 @@
 """Database backups on the server: what they are called, what they hold, and the
 moves that make, check and restore them (scripts/backup-db.sh, one round trip each).
 
-    /backups/db_20261201_210455_manual.dump            pg_dump custom format
+    /backups/db_20261201_210455_manual.dump            pg_dump custom format (zstd:1; zlib before PostgreSQL 16)
     /backups/db_20261201_210455_manual.dump.sha256     its checksum
     /backups/db_20261201_210455_manual.dump.json       its manifest: tables and row counts, release, ...
     /backups/db_20261201_210455_manual.dump.verified   the last verification: "ok <when>" or "failed <when> <why>"
+    /backups/data_20261201_210455_manual.tar.gz (+ the same sidecars)   an archive of app.data_dir
 
 A restore never drops the live database: the backup is restored into a new
 database, checked against its manifest, and only then swapped in by renaming
-(the old one is kept as <db>_before_<stamp>). Deploy, rollback --with-db and
-the backup tasks all go through here. The pure parts (names, manifests,
+(the old one is kept as <db>_before_<stamp>); a data archive is extracted
+into a new directory and swapped in the same way (scripts/backup-data.sh).
+Deploy, rollback --with-db and the backup tasks all go through here. The pure parts (names, manifests,
 comparisons) are tested as data; retention lives in core/retention.py.
 """
 
@@ -27,6 +29,13 @@ from .errors import OpsError, UsageError
 from .target import Target, command_failed
 
 SCRIPT = "backup-db.sh"
+DATA_SCRIPT = "backup-data.sh"
+
+
+def run_lock(state_dir: str) -> str:
+    """The flock the backup timers' runs take (one at a time); a host patch takes it too,
+    so a reboot or Docker restarting never cuts a backup."""
+    return f"{state_dir.rstrip('/')}/backup.lock"
 
 
 def _tool_version() -> str:
@@ -43,11 +52,13 @@ def _tool_version() -> str:
 
 
 TOOL = _tool_version()
-# db_<UTC date>_<UTC time>_<label>[-n].dump; *.sql.gz are the plain dumps of earlier versions.
-_NAME = re.compile(r"db_(\d{8})_(\d{6})_([A-Za-z0-9][A-Za-z0-9._-]{0,80})\.(dump|sql\.gz)")
+# db_<UTC date>_<UTC time>_<label>[-n].dump (*.sql.gz: plain dumps of earlier versions);
+# data_<UTC date>_<UTC time>_<label>[-n].tar.gz for archives of app.data_dir.
+_NAME = re.compile(r"(?:db_(\d{8})_(\d{6})_([A-Za-z0-9][A-Za-z0-9._-]{0,80})\.(dump|sql\.gz)"
+                   r"|data_(\d{8})_(\d{6})_([A-Za-z0-9][A-Za-z0-9._-]{0,80})\.(tar\.gz))")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,40}")
-# The backup-db.sh exit codes that are not a failure of the work itself.
-NO_CONTAINER, NO_DIRECTORY, NO_SPACE, NO_SUCH_BACKUP = 3, 4, 5, 6
+# The backup-db.sh / backup-data.sh exit codes that are not a failure of the work itself.
+NO_CONTAINER, NO_DIRECTORY, NO_SPACE, NO_SUCH_BACKUP, NO_DATA_DIR = 3, 4, 5, 6, 7
 # <db>_before_<stamp> must fit PostgreSQL's 63-byte names (longer ones are cut silently).
 MAX_DB_NAME_FOR_RESTORE = 63 - len("_before_20261201_210455")
 
@@ -59,7 +70,8 @@ def validate_name(name: str) -> str:
     if "/" in name or ".." in name:
         raise UsageError(f"'{name}' is not a backup name: a name has no '/' or '..'", "give a name from `backup.list`")
     if not _NAME.fullmatch(name):
-        raise UsageError(f"'{name}' is not a backup name (db_YYYYmmdd_HHMMSS_<label>.dump)", "give a name from `backup.list`")
+        raise UsageError(f"'{name}' is not a backup name (db_YYYYmmdd_HHMMSS_<label>.dump or data_..._<label>.tar.gz)",
+                         "give a name from `backup.list`")
     return name
 
 
@@ -69,25 +81,43 @@ def validate_label(label: str) -> str:
     return label
 
 
-def taken_at(name: str) -> datetime | None:
-    """When a backup was taken (UTC), read from its name."""
+def _parts(name: str) -> tuple[str, str, str, str] | None:
+    """(date, time, label, extension) of one of our names."""
     found = _NAME.fullmatch(name)
     if not found:
         return None
+    groups = found.groups()
+    return groups[0:4] if groups[0] else groups[4:8]
+
+
+def is_data(name: str) -> bool:
+    """An archive of app.data_dir (not a database dump)."""
+    parts = _parts(name)
+    return bool(parts) and parts[3] == "tar.gz"
+
+
+def taken_at(name: str) -> datetime | None:
+    """When a backup was taken (UTC), read from its name."""
+    parts = _parts(name)
+    if not parts:
+        return None
     try:
-        return datetime.strptime(found.group(1) + found.group(2), "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+        return datetime.strptime(parts[0] + parts[1], "%Y%m%d%H%M%S").replace(tzinfo=UTC)
     except ValueError:
         return None
 
 
 def kind_of(name: str) -> str:
-    """pre-deploy (taken before a migration), or the label it was taken with; legacy for plain SQL dumps."""
-    found = _NAME.fullmatch(name)
-    if not found:
+    """pre-deploy (taken before a migration), or the label it was taken with; (sql.gz) for
+    plain SQL dumps; data archives are `data` followed by their label."""
+    parts = _parts(name)
+    if not parts:
         return "?"
-    label = found.group(3)
+    label, extension = parts[2], parts[3]
     kind = "pre-deploy" if label.startswith("pre-") else re.sub(r"-\d+$", "", label)
-    return kind + (" (sql.gz)" if found.group(4) == "sql.gz" else "")
+    if extension == "tar.gz":
+        return f"data/{kind}"
+    return kind + (" (sql.gz)" if extension == "sql.gz" else "")
 
 
 def stamp(when: datetime) -> str:
@@ -184,8 +214,13 @@ class NoDatabase(OpsError):
     """The PostgreSQL container is not running (a first release has none yet)."""
 
 
+def script_text(name: str) -> str:
+    """A backup script with the functions both share (scripts/backup-common.sh) in front."""
+    return templates.script("backup-common.sh") + "\n" + templates.script(name)
+
+
 def _script(action: str, *args: str) -> str:
-    return f"bash -c {shlex.quote(templates.script(SCRIPT))} backup-db {action} " + " ".join(shlex.quote(a) for a in args)
+    return f"bash -c {shlex.quote(script_text(SCRIPT))} backup-db {action} " + " ".join(shlex.quote(a) for a in args)
 
 
 def list_command(backup_dir: str) -> str:
@@ -203,7 +238,7 @@ def dump(target: Target, app, label: str, *, min_free_mb: int, tool: str) -> tup
     if result.exit_status == NO_DIRECTORY:
         raise UsageError(f"backup directory {app.backup_dir} is missing on {target.label}", "run `deploy.setup`; nothing changed")
     if not result.ok:
-        raise _failed(result, target.label, "the backup failed", "nothing kept; fix that and rerun")
+        raise failed(result, target.label, "the backup failed", "nothing kept; fix that and rerun")
     lines = result.stdout.strip().splitlines()
     if not lines or not lines[-1].startswith(app.backup_dir + "/"):
         raise OpsError(f"the backup on {target.label} named no file", f"check {app.backup_dir} and scripts/{SCRIPT}")
@@ -221,7 +256,7 @@ def load(target: Target, app, name: str, database: str, *, keep: bool) -> tuple[
         raise NoDatabase(f"the database container {app.db_container} is not running on {target.label}",
                        "start it (`docker compose up -d postgres` in the app directory); nothing changed")
     if not result.ok:
-        raise _failed(result, target.label, f"restoring {name} failed", "the live database was not touched")
+        raise failed(result, target.label, f"restoring {name} failed", "the live database was not touched")
     fields = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
     restored = parse_manifest(fields.get("restored", ""))
     if restored is None:
@@ -233,14 +268,25 @@ def drop(target: Target, app, *databases: str) -> None:
     target.run(_script("drop", app.db_container, app.db_user, *databases), user=app.owner, timeout=300)
 
 
-def swap(target: Target, app, replacement: str, aside: str) -> None:
-    """Writers stopped, live renamed to `aside`, `replacement` renamed to live (one
-    transaction), writers started again — also when the swap failed."""
+def swap(target: Target, app, replacement: str, aside: str, *, api: str) -> None:
+    """Writers stopped (the live api slot's service `api`, pgbouncer), live renamed to
+    `aside`, `replacement` renamed to live (one transaction), writers started again —
+    also when the swap failed."""
+    writers = f"{shlex.quote(api)} pgbouncer"
     result = target.run(_script("swap", app.db_container, app.db_user, app.db_name, replacement, aside,
-                                app.compose("stop api pgbouncer"), app.compose("start api pgbouncer")),
+                                app.compose(f"stop {writers}"), app.compose(f"start {writers}")),
                         user=app.owner, check=False, timeout=600)
     if not result.ok:
-        raise _failed(result, target.label, f"swapping in {replacement} failed", "api and pgbouncer were started again")
+        raise failed(result, target.label, f"swapping in {replacement} failed", "api and pgbouncer were started again")
+
+
+def restore_in_place(target: Target, app, backup: str, reporter, *, api: str) -> None:
+    """The safe restore of `backup` (a path under app.backup_dir): into a new database,
+    checked against its manifest, then swapped in with `api` (the slot that writes)
+    stopped around the swap; the live database is kept beside it, never dropped."""
+    when = datetime.now(UTC)
+    database, _ = restore_checked(target, app, split_path(backup, app.backup_dir), when, reporter)
+    swap(target, app, database, f"{app.db_name}_before_{stamp(when)}", api=api)
 
 
 def record(target: Target, app, name: str, ok: bool, why: str = "") -> None:
@@ -278,7 +324,7 @@ def split_path(path: str, backup_dir: str) -> str:
     return validate_name(posixpath.basename(path))
 
 
-def _failed(result, where: str, fallback: str, hint: str) -> OpsError:
+def failed(result, where: str, fallback: str, hint: str) -> OpsError:
     """The script's own last line says what went wrong; else what was being done."""
     lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
     if not lines:

@@ -11,12 +11,16 @@ import base64
 import difflib
 import re
 import shlex
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+from . import templates
 from .steps import Change, Facts, Plan, Step
 
 BACKUP_DIR = "/var/backups/coachntt-ops"
 APT = "DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300"
+# After `nginx -t`: a graceful reload that returns once the old workers stopped taking
+# connections (a bare `systemctl reload` returns before that); nginx down: a start.
+RELOAD_NGINX = f"sh -c {shlex.quote(templates.script('reload-nginx.sh'))} reload-nginx"
 
 
 def q(value: str) -> str:
@@ -94,6 +98,38 @@ def file_step(
         return Plan.ok(f"{path} up to date")
 
     return Step(name, probes=file_probes(path), plan=plan)
+
+
+def files_step(name: str, files: dict[str, str], *, validate: tuple[str, str] = ("", ""), then: tuple[str, str] = ("", ""),
+               extra_probes: dict[str, str] | None = None, render: Callable[[Facts], dict[str, str]] | None = None) -> Step:
+    """Several files as one step: written only where they differ; `validate` (what, command)
+    checks them all together, every changed file put back if it fails; `then` (what, command)
+    runs once after a change. `render(facts)` gives content that depends on facts."""
+    probes = dict(extra_probes or {})
+    for index, path in enumerate(files):
+        probes.update({f"{key}{index}": command for key, command in file_probes(path).items()})
+
+    def plan(facts: Facts) -> Plan:
+        wanted = render(facts) if render else files
+        changes, restores = [], []
+        for index, (path, content) in enumerate(wanted.items()):
+            single = file_step(name, path, content).plan({"content": facts[f"content{index}"], "meta": facts[f"meta{index}"]})
+            if single.changes:
+                changes += single.changes
+                restores.append(restore_command(path, facts[f"content{index}"].ok))
+        if not changes:
+            return Plan.ok(f"{len(wanted)} file{'s' if len(wanted) > 1 else ''} up to date")
+        if validate[1]:
+            # The validator's first complaint ends the message: that is the line the operator needs.
+            changes.append(Change(validate[0], (
+                f"if ! why=$({validate[1]} 2>&1); then {'; '.join(restores)}; "
+                "first=$(printf '%s' \"$why\" | grep -v '^ *$' | head -n 1); "
+                "echo \"validation failed, previous files restored${first:+: $first}\" >&2; exit 97; fi")))
+        if then[1]:
+            changes.append(Change(then[0], then[1]))
+        return Plan.change(*changes)
+
+    return Step(name, probes=probes, plan=plan)
 
 
 def file_probes(path: str) -> dict[str, str]:

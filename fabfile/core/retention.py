@@ -6,11 +6,14 @@
     always           the newest backup; the newest verified one; the dump taken
                      before each release `rollback.list` still offers (what
                      `rollback --with-db` would restore)
+    keep_data N      data archives (data_*.tar.gz) apart: the newest N, and the
+                     newest verified one
 
-Databases a restore set aside (<db>_before_<stamp>, <db>_failed_<stamp>) are
-dropped once they are older than keep_daily days: by then the daily backups
-cover that span. Leftovers of a restore or verify that was cut off
-(<db>_restore_<stamp>, <db>_verify_<stamp>) never held live data: dropped after a day.
+Databases a restore set aside (<db>_before_<stamp>, <db>_failed_<stamp>) and
+data directories likewise (<data_dir>.before_<stamp>, ...) are dropped once they
+are older than keep_daily days: by then the daily backups cover that span.
+Leftovers of a restore or verify that was cut off (<db>_restore_<stamp>,
+<db>_verify_<stamp>, ...) never held live data: dropped after a day.
 """
 
 from __future__ import annotations
@@ -73,6 +76,20 @@ def plan_prune(backups: Iterable[tuple[str, datetime]], protected: dict[str, str
     return PrunePlan(keep, remove)
 
 
+def plan_keep_newest(backups: Iterable[tuple[str, datetime]], count: int, protected: dict[str, str]) -> PrunePlan:
+    """The newest `count` (and the protected ones) stay; never fewer than the newest one."""
+    dated = sorted(backups, key=lambda item: (item[1], item[0]), reverse=True)
+    keep: dict[str, list[str]] = {}
+    for index, (name, _) in enumerate(dated):
+        if index == 0:
+            keep.setdefault(name, []).append("newest")
+        if index < count:
+            keep.setdefault(name, []).append(f"newest {count}")
+        if name in protected:
+            keep.setdefault(name, []).append(protected[name])
+    return PrunePlan(keep, [name for name, _ in reversed(dated) if name not in keep])
+
+
 def protected_backups(log: list[state.Release], backup_dir: str, newest_verified: str) -> dict[str, str]:
     """Backups prune must never remove: the newest verified one, and the dump that
     `rollback --with-db` would restore from each release rollback still offers."""
@@ -86,16 +103,17 @@ def protected_backups(log: list[state.Release], backup_dir: str, newest_verified
     return protected
 
 
-def stale_set_aside(databases: Iterable[str], db_name: str, now: datetime, days: int) -> list[str]:
-    """Set-aside databases older than `days` days (0: kept), scratch ones older than a day."""
-    pattern = re.compile(re.escape(db_name) + r"_(before|failed|restore|verify)_(\d{8}_\d{6})")
+def stale_set_aside(names: Iterable[str], base: str, now: datetime, days: int, separator: str = "_") -> list[str]:
+    """Set-aside copies of `base` (<base><separator>before_<stamp>, ...) older than `days`
+    days (0: kept), scratch ones (restore, verify) older than a day."""
+    pattern = re.compile(re.escape(base) + re.escape(separator) + r"(before|failed|restore|verify)_(\d{8}_\d{6})")
     stale = []
-    for database in databases:
-        found = pattern.fullmatch(database)
+    for name in names:
+        found = pattern.fullmatch(name)
         if not found:
             continue
         limit = days if found.group(1) in ("before", "failed") else 1
         when = datetime.strptime(found.group(2), "%Y%m%d_%H%M%S").replace(tzinfo=UTC)
         if limit > 0 and now - when > timedelta(days=limit):
-            stale.append(database)
+            stale.append(name)
     return sorted(stale)

@@ -29,7 +29,7 @@ from typing import Any
 
 from dotenv import dotenv_values
 
-from . import redact
+from . import layout, redact, window
 from .errors import ConfigError
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -229,6 +229,11 @@ def _absolute_dir(value: Any) -> bool:
     return _SAFE_ABSOLUTE(value) and value.rstrip("/") != "" and ".." not in value.split("/")
 
 
+def _absolute_path(value: Any) -> bool:
+    """Like _absolute_dir, and / itself."""
+    return _SAFE_ABSOLUTE(value) and ".." not in value.split("/")
+
+
 def _path_inside_app_dir(value: Any) -> bool:
     return _SAFE_RELATIVE(value) and ".." not in value.split("/")
 
@@ -243,8 +248,19 @@ def _host_port(value: Any) -> bool:
 
 
 def _ssh_host(value: Any) -> bool:
-    found = isinstance(value, str) and _SSH_HOST.fullmatch(value)
-    return bool(found) and (found.group(1) is None or 0 < int(found.group(1)) < 65536)
+    return isinstance(value, str) and layout.parse_login(value) is not None and value == value.strip()
+
+
+def _optional_ssh_host(value: Any) -> bool:
+    return value == "" or _ssh_host(value)
+
+
+def _offsite_repo(value: Any) -> bool:
+    """Empty (off-site copies off) or an SFTP repository below / without '..'."""
+    if value == "":
+        return True
+    found = isinstance(value, str) and re.fullmatch(OFFSITE_REPO, value)
+    return bool(found) and ".." not in found.group(3).split("/")
 
 
 def _plain_text(value: Any) -> bool:
@@ -260,7 +276,6 @@ def _hook(value: Any) -> bool:
 _SAFE_ABSOLUTE = _matches(r"/[A-Za-z0-9._/-]*")
 _SAFE_RELATIVE = _matches(r"[A-Za-z0-9._][A-Za-z0-9._/-]*")
 _HOST_PORT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}):(\d{1,5})")
-_SSH_HOST = re.compile(r"(?:[a-z_][a-z0-9_-]{0,31}@)?[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})(?::(\d{1,5}))?")
 USER_NAME = r"[a-z_][a-z0-9_-]{0,31}"
 HOST_NAME = r"(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}"
 # git check-ref-format, narrowed to characters that mean nothing to a shell.
@@ -269,16 +284,37 @@ GIT_BRANCH = r"(?!-)(?!/)(?!.*\.\.)(?!.*//)(?!.*/\.)(?!\.)(?!.*\.lock$)(?!.*[./]
 GIT_REPO = r"(?:(?:https?|ssh|git|file)://|[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:|/)[^\s'\"`$;|&<>\\(){}*?!#]+"
 HEALTH_URL = r"https?://(?:127\.0\.0\.1|localhost|\[::1\])(?::\d{1,5})?(?:/[A-Za-z0-9._~/%+-]*)?(?:\?[A-Za-z0-9._~%+=&-]*)?"
 PUBLIC_KEY = r"[a-z][a-z0-9@.-]* [A-Za-z0-9+/]+={0,3}(?: [^\x00-\x1f\x7f]*)?"
+# restic's SFTP repository: sftp:USER@HOST:/ABSOLUTE/PATH (core/offsite.py reads the parts).
+OFFSITE_REPO = r"sftp:([a-z_][a-z0-9_.-]{0,31})@([A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})):(/[A-Za-z0-9._/-]*[A-Za-z0-9._-])"
+EMAIL = r"[A-Za-z0-9._%+-]{1,64}@" + HOST_NAME
+# An https URL of plain characters: it is passed to certbot --server and curl.
+ACME_URL = r"https://[A-Za-z0-9.-]+(?::\d{1,5})?(?:/[A-Za-z0-9._~/%+-]*)?"
 
 _USER = Rule("a user name (a-z, 0-9, _ -; at most 32, not starting with a digit or -)", _matches(USER_NAME))
 _PERCENT = Rule("a whole number from 1 to 100", _whole_number(1, 100))
 _KEEP = Rule("a whole number from 0 to 1000", _whole_number(0, 1000))
 _DOMAIN = Rule("a host name", _matches(HOST_NAME))
 _UPSTREAM = Rule("host:port", _host_port)
+# systemd OnCalendar text (weekdays, dates, times, ranges, timezones); the host's own
+# `systemd-analyze calendar` judges the rest. No '=', quotes or newlines reach the unit file.
+_CALENDAR = Rule("a systemd calendar time like '*-*-* 02:00:00' or 'Sun *-*-* 03:00:00'",
+                 _matches(r"[A-Za-z0-9*][A-Za-z0-9*:,./~ _+-]{0,99}"))
 _DURATION = Rule("a fail2ban duration like 600, 10m or 1h", _matches(r"-1|\d{1,9}[smhdw]?"))
+# The OS baseline's items, in the order `secure` applies them (fabfile/os_baseline.py
+# builds one per name); here so a misspelt `baseline.skip` is refused before connecting.
+BASELINE_ITEMS = ("login-defs", "pam-tmpdir", "module-blacklist", "sysctl", "needrestart", "debsums",
+                  "auditd", "process-accounting", "login-banner")
 
 RULES: dict[str, Rule] = {
     "host": Rule("user@host[:port]", _ssh_host),
+    # Several hosts (core/layout.py): every role empty is the single-VPS layout.
+    "roles.app": Rule("a list of user@host[:port]", _ssh_host, each=True),
+    "roles.lb": Rule("empty or one user@host[:port]", _optional_ssh_host),
+    "roles.db": Rule("empty or one user@host[:port]", _optional_ssh_host),
+    "roles.replica": Rule("a list of user@host[:port]", _ssh_host, each=True),
+    # How many hosts a task works on at once (core/fleet.py).
+    "fleet.parallel_reads": Rule("a whole number of hosts from 1 to 100", _whole_number(1, 100)),
+    "fleet.parallel_changes": Rule("a whole number of hosts from 1 to 50", _whole_number(1, 50)),
     "deploy_user": _USER,
     "deploy_groups": Rule("a list of group names (a-z, 0-9, _ -)", _matches(USER_NAME), each=True),
     "state_dir": Rule("an absolute path below / (letters, digits, . _ - /)", _absolute_dir),
@@ -290,6 +326,7 @@ RULES: dict[str, Rule] = {
     "app.compose_file": Rule("a file name inside app.dir or an absolute path (letters, digits, . _ - /)", _compose_file),
     "app.compose_overrides": Rule("a list of file names inside app.dir or absolute paths (letters, digits, . _ - /)",
                                   _compose_file, each=True),
+    "app.data_dir": Rule("an absolute path below / (letters, digits, . _ - /)", _absolute_dir),
     "app.env_file": Rule("a file name inside app.dir (letters, digits, . _ - /)", _path_inside_app_dir),
     "app.health_url": Rule("an http(s) URL on 127.0.0.1 or localhost, like http://127.0.0.1:8000/health", _matches(HEALTH_URL)),
     "app.health_deadline": Rule("a whole number of seconds from 1 to 3600", _whole_number(1, 3600)),
@@ -297,6 +334,18 @@ RULES: dict[str, Rule] = {
     "app.hooks.*": Rule("shell text without NUL characters", _hook),
     "domains.*": _DOMAIN,
     "upstreams.*": _UPSTREAM,
+    "staging.enabled": Rule("true or false", lambda v: isinstance(v, bool)),
+    "staging.dir": Rule("an absolute path below / (letters, digits, . _ - /)", _absolute_dir),
+    "staging.project": Rule("a compose project name (a-z, 0-9, _ -; starting with a letter or digit)",
+                            _matches(r"[a-z0-9][a-z0-9_-]{0,62}")),
+    "staging.env_file": Rule("a file name inside staging.dir (letters, digits, . _ - /)", _path_inside_app_dir),
+    "staging.db_container": Rule("a container name (letters, digits, _ . -)", _matches(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")),
+    "staging.db_name": Rule("a database name (letters, digits, _)", _matches(r"[A-Za-z_][A-Za-z0-9_]{0,62}")),
+    "staging.smoke_path": Rule("a URL path like /api/notes (letters, digits, . _ ~ / - and a query)",
+                               _matches(r"/[A-Za-z0-9._~/%+-]*(?:\?[A-Za-z0-9._~%+=&-]*)?")),
+    "ssl.email": Rule("an e-mail address like ops@example.com", lambda v: v == "" or _matches(EMAIL)(v)),
+    "ssl.acme_server": Rule("an https:// ACME directory URL", _matches(ACME_URL)),
+    "ssl.min_days_left": Rule("a whole number of days from 0 to 3650", _whole_number(0, 3650)),
     "rate_limit.rate": Rule("a rate like 10r/s or 600r/m", _matches(r"\d{1,6}r/[sm]")),
     "rate_limit.burst": Rule("a whole number from 0 to 100000", _whole_number(0, 100000)),
     "firewall.allow": Rule("a list of ufw rules like 22/tcp, 60000:61000/udp or OpenSSH",
@@ -304,19 +353,50 @@ RULES: dict[str, Rule] = {
     "thresholds.disk_free_percent_min": _PERCENT,
     "thresholds.memory_used_percent_max": _PERCENT,
     "thresholds.cpu_percent_max": _PERCENT,
+    "thresholds.certificate_days_min": Rule("a whole number of days from 0 to 365", _whole_number(0, 365)),
+    "thresholds.backup_age_hours_max": Rule("a whole number of hours from 1 to 8760", _whole_number(1, 8760)),
+    "thresholds.error_rate_percent_max": Rule("a whole number from 0 to 100", _whole_number(0, 100)),
+    "thresholds.error_rate_min_requests": Rule("a whole number from 1 to 1000000", _whole_number(1, 1000000)),
+    "thresholds.health_grace_seconds": Rule("a whole number of seconds from 0 to 3600", _whole_number(0, 3600)),
+    "monitor.disk_paths": Rule("a list of absolute paths (letters, digits, . _ - /)", _absolute_path, each=True),
+    "monitor.pgbouncer": _UPSTREAM,
+    "monitor.certificate_missing": Rule("warn or fail", lambda v: v in ("warn", "fail")),
+    "monitor.cpu_sample_ms": Rule("a whole number of ms from 50 to 10000", _whole_number(50, 10000)),
+    "monitor.access_log": Rule("an absolute file path (letters, digits, . _ - /)", _absolute_dir),
+    "monitor.watch_interval": Rule("a whole number of seconds from 1 to 60", _whole_number(1, 60)),
+    "monitor.stack.dir": Rule("an absolute path below / (letters, digits, . _ - /)", _absolute_dir),
+    "monitor.stack.compose_overrides": Rule("a list of absolute paths (letters, digits, . _ - /)",
+                                         lambda v: _SAFE_ABSOLUTE(v) and ".." not in v.split("/"), each=True),
+    "monitor.stack.verify_deadline": Rule("a whole number of seconds from 1 to 3600", _whole_number(1, 3600)),
     "backup.dir": Rule("an absolute path below / (letters, digits, . _ - /)", _absolute_dir),
     "backup.keep_daily": _KEEP,
     "backup.keep_weekly": _KEEP,
     "backup.keep_monthly": _KEEP,
+    "backup.keep_data": _KEEP,
     "backup.min_free_mb": Rule("a whole number of MiB from 0 to 1000000", _whole_number(0, 1000000)),
     "backup.db_container": Rule("a container name (letters, digits, _ . -)", _matches(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")),
     "backup.db_user": Rule("a database user name (letters, digits, _)", _matches(r"[A-Za-z_][A-Za-z0-9_]{0,62}")),
     "backup.db_name": Rule("a database name (letters, digits, _)", _matches(r"[A-Za-z_][A-Za-z0-9_]{0,62}")),
+    "backup.db_schedule": _CALENDAR,
+    "backup.data_schedule": _CALENDAR,
+    "backup.offsite_repo": Rule("empty (off) or sftp:USER@HOST:/ABSOLUTE/PATH (letters, digits, . _ - /)", _offsite_repo),
+    "backup.offsite_port": Rule("a port number from 1 to 65535", _whole_number(1, 65535)),
+    "backup.pull_dir": Rule("a directory on this machine, relative to the project or absolute (letters, digits, . _ - /)",
+                            _compose_file),
     "ssh.connect_timeout": Rule("a whole number of seconds from 1 to 300", _whole_number(1, 300)),
+    "cutover.port_a": Rule("a port number from 1024 to 65535", _whole_number(1024, 65535)),
+    "cutover.port_b": Rule("a port number from 1024 to 65535", _whole_number(1024, 65535)),
+    "cutover.drain_seconds": Rule("a whole number of seconds from 0 to 3600", _whole_number(0, 3600)),
+    "release.watch_seconds": Rule("a whole number of seconds from 1 to 14400", _whole_number(1, 14400)),
+    "cutover.retry_after": Rule("a whole number of seconds from 1 to 86400", _whole_number(1, 86400)),
     "ssh.known_hosts": Rule("a file path", lambda v: _plain_text(v) and v != ""),
     "fail2ban.bantime": _DURATION,
     "fail2ban.findtime": _DURATION,
     "fail2ban.maxretry": Rule("a whole number from 1 to 100", _whole_number(1, 100)),
+    "baseline.skip": Rule(f"a list of baseline items from: {', '.join(BASELINE_ITEMS)}",
+                          lambda v: v in BASELINE_ITEMS, each=True),
+    "maintenance.window": Rule(f"a weekly window like {window.EXAMPLES}", window.is_valid),
+    "maintenance.reboot_timeout": Rule("a whole number of seconds from 60 to 3600", _whole_number(60, 3600)),
 }
 
 
@@ -334,7 +414,27 @@ def validate(settings: Settings) -> Settings:
                     _refuse(settings, dotted, rule, item)
         elif not rule.check(value):
             _refuse(settings, dotted, rule, value)
+    _check_slot_ports(settings)
+    layout.check(settings.get("roles") or {})
     return settings
+
+
+def _check_slot_ports(settings: Settings) -> None:
+    """The two api slots need ports of their own: not each other's, not another
+    service's that nginx proxies to on this host (staging on 8001, Grafana on 3000)."""
+    ports = {name: settings.get(f"cutover.port_{name}") for name in ("a", "b")}
+    if any(port is None for port in ports.values()):
+        return
+    taken = {int(port): f"cutover.port_{name}" for name, port in ports.items()}
+    if len(taken) < 2:
+        raise ConfigError(f"cutover.port_a and cutover.port_b must differ, both are {ports['a']}",
+                          "give each api slot its own port (defaults 8000 and 8002)")
+    for service in ("staging", "metrics"):
+        upstream = settings.get(f"upstreams.{service}") or ""
+        port = int(upstream.rsplit(":", 1)[1]) if _host_port(upstream) else None
+        if port in taken:
+            raise ConfigError(f"{taken[port]} is {port}, which upstreams.{service} ({upstream}) uses",
+                              "pick a free port for the api slot (defaults 8000 and 8002)")
 
 
 def _leaves(values: Mapping[str, Any], path: str = "") -> Iterator[tuple[str, Any]]:

@@ -30,7 +30,7 @@ class Release:
     """One line of the release log."""
 
     sha: str
-    kind: str  # deploy | rollback | verify | restore (backup.restore)
+    kind: str  # deploy | release | rollback | verify | restore (backup.restore) | patch (maintenance.patch)
     result: str = ""  # ok | failed | interrupted
     phase: str = ""  # where a failed or interrupted release stopped
     previous: str = ""
@@ -41,10 +41,20 @@ class Release:
     schema: str = ""
     message: str = ""
     rolled_back_to: str = ""
+    slot: str = ""  # the api slot the release went live from (a | b, core/slots.py)
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if v not in ("", {}, None)}, sort_keys=True)
+
+
+# Set in a release's `extra` as its breaking migrations start: from then on, undoing the
+# release needs the database back from the backup it took (core/cutoff.py settles so).
+BREAKING_MIGRATED = "breaking_migrated"
+
+
+def breaking_migrated(release: Release) -> bool:
+    return bool(release.extra.get(BREAKING_MIGRATED))
 
 
 def now() -> str:
@@ -76,7 +86,10 @@ class ReleaseLog(list):
 # Only well-formed entries count, and their shas are hex before they can reach
 # a shell (checkout, APP_VERSION, backup labels).
 MAX_LINE = 64 * 1024
-KINDS = ("deploy", "rollback", "verify", "restore")
+KINDS = ("deploy", "release", "rollback", "verify", "restore", "patch")
+# What ships a new sha: `deploy`, and `release` (the checklist around deploy's cutover).
+SHIPS = ("deploy", "release")
+SLOTS = ("", "a", "b")
 RESULTS = ("", RESULT_OK, RESULT_FAILED, RESULT_INTERRUPTED)
 _SHA = re.compile(r"[0-9a-f]{7,64}")
 _BACKUP = re.compile(r"/[A-Za-z0-9._/-]+")
@@ -118,13 +131,15 @@ def _release_from(line: str) -> Release | None:
         return None
     if known.get("backup") and not _BACKUP.fullmatch(known["backup"]):
         return None
+    if known.get("slot", "") not in SLOTS:
+        return None
     return Release(**known)
 
 
 def good_releases(log: list[Release]) -> list[str]:
     """Shas that went live and passed their health gate, newest first, no repeats;
     a sha that ever failed its gate is bad and never offered."""
-    bad = {r.sha for r in log if r.result == RESULT_FAILED and r.kind == "deploy"}
+    bad = {r.sha for r in log if r.result == RESULT_FAILED and r.kind in SHIPS}
     seen: list[str] = []
     for release in reversed(log):
         if release.result == RESULT_OK and release.sha not in bad and release.sha not in seen:
@@ -140,7 +155,7 @@ def previous_good(log: list[Release], sha: str) -> str:
     """
     order: list[str] = []
     for release in log:
-        if release.kind == "deploy" and release.result == RESULT_OK:
+        if release.kind in SHIPS and release.result == RESULT_OK:
             if release.sha in order:
                 order.remove(release.sha)  # a redeploy makes it the newest
             order.append(release.sha)
@@ -153,13 +168,13 @@ def previous_good(log: list[Release], sha: str) -> str:
 
 def backup_undoing(log: list[Release], sha: str) -> str:
     """The dump taken just before `sha` migrated the database (what rollback --with-db restores)."""
-    return next((r.backup for r in reversed(log) if r.sha == sha and r.kind == "deploy" and r.backup), "")
+    return next((r.backup for r in reversed(log) if r.sha == sha and r.kind in SHIPS and r.backup), "")
 
 
 def schema_of(log: list[Release], sha: str) -> str:
     """The schema a release brought: recorded when it FIRST went live. A later
     redeploy of old code over a newer database records the newer schema."""
-    return next((r.schema for r in log if r.sha == sha and r.schema and r.kind == "deploy"), "")
+    return next((r.schema for r in log if r.sha == sha and r.schema and r.kind in SHIPS), "")
 
 
 def live_schema(log: list[Release]) -> str:
@@ -170,8 +185,9 @@ def live_schema(log: list[Release]) -> str:
 def current_release(log: list[Release]) -> Release | None:
     """The release serving now: the last entry that ended ok, or the target of the last rollback."""
     for release in reversed(log):
-        # A rollback leaves its sha checked out even when its health gate failed.
-        if release.result == RESULT_OK or release.kind == "rollback":
+        # A rollback that failed never switched (its slot failed the gate before nginx
+        # moved); one cut off may have, and deploy.recover settles which.
+        if release.result == RESULT_OK or (release.kind == "rollback" and release.result != RESULT_FAILED):
             return release
         if release.rolled_back_to:
             return Release(sha=release.rolled_back_to, kind="rollback", result=RESULT_OK)

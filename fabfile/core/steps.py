@@ -86,6 +86,7 @@ class Reporter:
         self.show_diff = show_diff
         self.counts = {"ok": 0, "changed": 0, "skipped": 0, "failed": 0, "would change": 0, "interrupted": 0}
         self.started = time.monotonic()
+        self.unheard = False  # the terminal or pipe we print to is gone
 
     def step(self, name: str, status: str, seconds: float, *, reason: str = "", changes: tuple[Change, ...] = ()) -> None:
         self.counts[status] += 1
@@ -145,7 +146,14 @@ class Reporter:
             self._emit(text)
 
     def _emit(self, text: str) -> None:
-        print(redact.redact(text), file=self.stream, flush=True)
+        if self.unheard:
+            return
+        try:
+            print(redact.redact(text), file=self.stream, flush=True)
+        except OSError:
+            # Nobody reads us any more (a cancelled CI job took the terminal): the run goes
+            # on putting the server in order, a failed print must not become its error.
+            self.unheard = True
 
 
 def gather_facts(target: Target, steps: list[Step]) -> list[Facts]:
@@ -197,3 +205,24 @@ def apply_plan(target: Target, step: Step, plan: Plan, reporter: Reporter, start
         reporter.step(step.name, "failed", time.monotonic() - started, reason=exc.one_line(), changes=plan.changes)
         raise
     reporter.step(step.name, "changed", time.monotonic() - started, reason=plan.reason, changes=plan.changes)
+
+
+class DetailReporter:
+    """A Reporter for work done inside one step of a bigger task (staging inside a release):
+    its steps are indented detail lines for people, not steps of their own (nor JSON objects)."""
+
+    def __init__(self, reporter: Reporter):
+        self.reporter = reporter
+
+    def step(self, name: str, status: str, seconds: float, *, reason: str = "", changes: tuple[Change, ...] = ()) -> None:
+        self.reporter.info(f"      {name:<34} {seconds:6.1f}s  {status:<8} {reason}".rstrip())
+
+    def info(self, text: str) -> None:
+        self.reporter.info(text)
+
+    @contextmanager
+    def phase(self, name: str, reason: str = "") -> Iterator[None]:
+        started = time.monotonic()
+        yield
+        self.step(name, "changed", time.monotonic() - started, reason=reason)
+

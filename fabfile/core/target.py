@@ -20,9 +20,11 @@ import logging
 import os
 import secrets
 import shlex
+import signal
 import socket
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,9 @@ import paramiko
 from fabric import Connection
 from fabric.runners import Remote
 from invoke.exceptions import CommandTimedOut
+from invoke.runners import Local
 
-from . import redact
+from . import follow, redact
 from .errors import AuthError, ConfigError, HostKeyError, RemoteCommandError, from_connection_failure
 from .settings import Settings
 
@@ -64,6 +67,9 @@ class Result:
         return self.exit_status == 0
 
 
+TOOL_UMASK = "umask 022"
+
+
 class Target:
     """Runs shell on one host. Subclasses supply `_execute` and the file copies."""
 
@@ -78,33 +84,61 @@ class Target:
         self, command: str, *, sudo: bool = False, user: str = "", check: bool = True, timeout: int | None = None
     ) -> Result:
         """Run `command` with sh: as root when `sudo`, as `user` when given (sudo -n: never a prompt)."""
-        to_run = command
-        if len(command) > MAX_INLINE_COMMAND:
-            # One argument may not exceed ~128 KiB: ship the script as a file first.
-            path = self._upload_script(command)
-            to_run = f"sh {path}; status=$?; rm -f {path}; exit $status"
-        wrapped = to_run
-        if user and user != self.login_user:
-            wrapped = f"sudo -n -u {shlex.quote(user)} -- sh -c {shlex.quote(to_run)}"
-        elif sudo and not self.is_root:
-            wrapped = f"sudo -n -- sh -c {shlex.quote(to_run)}"
+        wrapped = self._wrap(command, sudo=sudo, user=user)
         self.round_trips += 1
         timeout = timeout or DEFAULT_TIMEOUT
         try:
             result = self._execute(wrapped, timeout)
         except CommandTimedOut:
-            raise RemoteCommandError(
-                redact.redact(f"{_first_line(command)} timed out after {timeout}s on {self.label}"),
-                "the host may be overloaded or the command stuck; check it and rerun",
-                exit_status=124,
-            ) from None
+            raise self._timed_out(command, timeout) from None
         result = Result(command, result.stdout, result.stderr, result.exit_status)
         if check and not result.ok:
             raise command_failed(result, self.label)
         return result
 
+    def follow(
+        self, command: str, on_line: Callable[[str], bool], *, sudo: bool = False, user: str = "", timeout: int | None = None
+    ) -> Result:
+        """Run `command` like run(check=False), handing each line of its output to `on_line`
+        as it arrives (one round trip). `on_line` returning True stops following: the
+        command is cut off (its channel closed, or its process group ended) and the
+        result holds what came until then, with exit status -1."""
+        wrapped = self._wrap(command, sudo=sudo, user=user)
+        self.round_trips += 1
+        timeout = timeout or DEFAULT_TIMEOUT
+        try:
+            stdout, stderr, status = self._follow(wrapped, on_line, timeout)
+        except follow.TimedOut:
+            raise self._timed_out(command, timeout) from None
+        return Result(command, stdout, stderr, status)
+
+    def _timed_out(self, command: str, timeout: int) -> RemoteCommandError:
+        return RemoteCommandError(redact.redact(f"{_first_line(command)} timed out after {timeout}s on {self.label}"),
+                                  "the host may be overloaded or the command stuck; check it and rerun", exit_status=124)
+
+    def _wrap(self, command: str, *, sudo: bool, user: str) -> str:
+        # What the tool creates gets the modes it sets, whatever umask the host gives logins
+        # (the OS baseline's 027 through pam_umask, sudo's sessions too): a directory it
+        # makes as root must stay readable by the deploy user and the services.
+        to_run = f"{TOOL_UMASK}; {command}"
+        if len(command) > MAX_INLINE_COMMAND:
+            # One argument may not exceed ~128 KiB: ship the script as a file first.
+            path = self._upload_script(command)
+            to_run = f"sh {path}; status=$?; rm -f {path}; exit $status"
+        if user and user != self.login_user:
+            return f"sudo -n -u {shlex.quote(user)} -- sh -c {shlex.quote(to_run)}"
+        if sudo and not self.is_root:
+            return f"sudo -n -- sh -c {shlex.quote(to_run)}"
+        return to_run
+
     def _execute(self, command: str, timeout: int | None) -> Result:
         raise NotImplementedError
+
+    def _follow(self, command: str, on_line: Callable[[str], bool], timeout: int) -> tuple[str, str, int]:
+        """Targets that cannot stream (test doubles) hand over the lines once the command ended."""
+        result = self._execute(command, timeout)
+        follow.hand_over(result.stdout, on_line)
+        return result.stdout, result.stderr, result.exit_status
 
     def _upload_script(self, script: str) -> str:
         """Put `script` in a private temporary file on the host; return its path."""
@@ -150,12 +184,49 @@ def failure_hint(result: Result, where: str) -> str:
     return last[-1] if last else "no output; rerun with the same command by hand to see more"
 
 
+class CutOffLocal(Local):
+    """invoke's local runner, but Ctrl-C, SIGTERM or SIGHUP (CI's SSH session gone with its
+    terminal) end our waiting at once, as CutOffRemote does over SSH. invoke would only
+    write ^C to the command's stdin, which nothing under the deploy lock reads, and wait on.
+    The command's processes in this session are stopped, so their output ends; a phase
+    under the deploy lock runs in a session of its own (deploy-lock.sh) and goes on."""
+
+    def send_interrupt(self, interrupt: KeyboardInterrupt) -> None:
+        for pid in in_this_session(self.process.pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        raise interrupt
+
+
+def in_this_session(root: int) -> list[int]:
+    """`root` and its descendants that are in our session (never a phase that setsid took out)."""
+    session, children = os.getsid(0), {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append((int(entry), int(fields[3])))
+    found, todo = [root], [root]
+    while todo:
+        for pid, sid in children.get(todo.pop(), []):
+            if sid == session:
+                found.append(pid)
+                todo.append(pid)
+    return found
+
+
 class LocalTarget(Target):
     """The machine `inv` runs on (the server itself, for on-server tasks)."""
 
     def __init__(self, context: Any):
         super().__init__()
         self.context = context
+        context.config.runners.local = CutOffLocal
         self.login_user = getpass.getuser()
         self.label = f"{self.login_user}@localhost"
         self.is_root = os.geteuid() == 0
@@ -163,6 +234,9 @@ class LocalTarget(Target):
     def _execute(self, command: str, timeout: int | None) -> Result:
         r = self.context.run(command, hide=True, warn=True, in_stream=False, timeout=timeout, shell="/bin/sh")
         return Result(command, r.stdout, r.stderr, r.exited)
+
+    def _follow(self, command: str, on_line: Callable[[str], bool], timeout: int) -> tuple[str, str, int]:
+        return follow.follow_process(command, on_line, timeout)
 
     def _upload_script(self, script: str) -> str:
         fd, path = tempfile.mkstemp(prefix="coachntt-ops.", suffix=".sh")
@@ -202,6 +276,7 @@ class RemoteTarget(Target):
         self.login_user = connection.user
         self.is_root = connection.user == "root"
         self.kept_for_run = False
+        self.settings = settings
         connection.config.runners.remote = CutOffRemote
         environ = os.environ if environ is None else environ
         try:
@@ -216,12 +291,35 @@ class RemoteTarget(Target):
                                    f"fab -H {deploy}; else pass the right private key with -i KEY")
             raise mapped from None
 
+    def reconnect(self) -> None:
+        """Close this connection and open it again (a host that rebooted), with the same
+        host key checks: a key not already known is refused. The Connection object
+        stays, so everything holding this target (a held lock, later tasks of the run)
+        goes on over the new one. A failure is a ConnectError (exit 3)."""
+        self.connection.close()
+        stale = self.connection.connect_kwargs.pop("sock", None)
+        if stale is not None:
+            stale.close()
+        try:
+            open_hardened(self.connection, self.settings)
+        except Exception as exc:
+            mapped = from_connection_failure(exc, self.label)
+            if mapped is None:
+                raise
+            raise mapped from None
+
     def _execute(self, command: str, timeout: int | None) -> Result:
         r = self.connection.run(command, hide=True, warn=True, in_stream=False, timeout=timeout)
         if r.exited == -1 and not self.connection.is_connected:
             # paramiko's "no exit status": the transport died under the command.
             raise ConnectionResetError(f"the SSH connection to {self.label} closed")
         return Result(command, r.stdout, r.stderr, r.exited)
+
+    def _follow(self, command: str, on_line: Callable[[str], bool], timeout: int) -> tuple[str, str, int]:
+        stdout, stderr, status = follow.follow_channel(self.connection.transport, command, on_line, timeout)
+        if status == follow.NO_STATUS and not self.connection.is_connected:
+            raise ConnectionResetError(f"the SSH connection to {self.label} closed")
+        return stdout, stderr, status
 
     def _upload_script(self, script: str) -> str:
         path = f"/tmp/coachntt-ops.{secrets.token_hex(8)}.sh"
@@ -340,18 +438,22 @@ def target_for(c: Any, settings: Settings) -> Target:
 # closes them when the process exits; Ops.finish's close() leaves them open.
 
 _OPEN: dict[tuple[str, str, int], RemoteTarget] = {}
+# Several hosts connect at once (core/fleet.py): each to its own key, the registry shared.
+_OPEN_LOCK = threading.Lock()
 
 
 def _one_per_run(connection: Connection, settings: Settings) -> RemoteTarget:
     key = (connection.user, connection.host, connection.port)
-    cached = _OPEN.get(key)
+    with _OPEN_LOCK:
+        cached = _OPEN.get(key)
     if cached is not None and cached.connection.is_connected:
         return cached
-    target = RemoteTarget(connection, settings)
+    target = RemoteTarget(connection, settings)  # outside the lock: hosts connect in parallel
     target.kept_for_run = True
-    if not _OPEN:
-        atexit.register(close_run_connections)
-    _OPEN[key] = target
+    with _OPEN_LOCK:
+        if not _OPEN:
+            atexit.register(close_run_connections)
+        _OPEN[key] = target
     return target
 
 

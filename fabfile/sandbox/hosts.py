@@ -422,12 +422,14 @@ def down(name: str) -> None:
     remove_cgroups(name)
     if Path(f"/sys/class/net/{veth_name(name)}").exists():
         run(["ip", "link", "del", veth_name(name)], check=False)
+    if state.get("ip"):
+        # Before the state goes: that frees the IP, and a host another run brings up at once
+        # may take it and pin its own keys under it, which unpinning afterwards would remove.
+        unpin_host_keys(state["ip"])
+        unmap_domains_of(state["ip"])
     base = host_dir(name)
     unmount_all_under(base)  # never rm -rf through a mounted overlay (it would hit the base tree)
     shutil.rmtree(base, ignore_errors=True)
-    if state.get("ip"):
-        unpin_host_keys(state["ip"])
-        unmap_domains_of(state["ip"])
 
 
 def all_states() -> list[dict]:

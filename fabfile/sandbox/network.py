@@ -51,10 +51,16 @@ def bridge_exists() -> bool:
     return Path(f"/sys/class/net/{BRIDGE}").exists()
 
 
+# A bridge without an address of its own takes its lowest port's, so a host joining or
+# leaving could change the gateway's MAC under the others: their ARP entries then point
+# nowhere and every answer stalls for seconds. A fixed, locally administered one never moves.
+BRIDGE_MAC = "02:c0:47:00:00:01"
+
+
 def ensure_bridge() -> None:
     if bridge_exists():
         return
-    run(["ip", "link", "add", BRIDGE, "type", "bridge"])
+    run(["ip", "link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge"])
     run(["ip", "addr", "add", gateway_cidr(), "dev", BRIDGE])
     run(["ip", "link", "set", BRIDGE, "up"])
 

@@ -117,7 +117,7 @@ def image_(c, force=False, suite=None, flavour=None):
 })
 @sandbox_task
 def release_(c, flavour="ubuntu-like", keep=False):
-    """Rehearse a full release on a fresh local VPS: secure, deps, nginx, deploys, rollbacks."""
+    """Rehearse a full release on a fresh local VPS: secure, deps, nginx, ssl, monitoring, staging, releases under load, rollbacks."""
     rehearsal.rehearse(flavour=flavour, keep=keep)
 
 

@@ -31,6 +31,23 @@ def fab(host, *args: str, user: str = "root", env: dict | None = None, timeout: 
     )
 
 
+def fab_in_background(host, *args: str, user: str = "coachntt", env: dict | None = None) -> subprocess.Popen:
+    """The real CLI in the background, in its own process group (for signals)."""
+    command = [str(BIN / "fab"), "-H", f"{user}@{host.ip}", "-i", str(host.key), *args]
+    return subprocess.Popen(command, cwd=PROJECT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+def one_line(result: subprocess.CompletedProcess, *words: str) -> str:
+    """The one stderr line a refused or failed task prints (never a traceback), holding `words`."""
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
 def json_lines(output: str) -> list[dict]:
     return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
 
@@ -77,9 +94,10 @@ OVERRIDE = PROJECT_DIR / "configs" / "sandbox" / "compose.sandbox.yml"
 OVERRIDE_ON_HOST = "/etc/coachntt-sandbox/compose.sandbox.yml"
 
 
-def ready_for_the_app(host) -> None:
+def ready_for_the_app(host, env: dict | None = None) -> None:
     """A provisioned host made ready to deploy examples/app: the container images
-    loaded, the sandbox's compose override in place (no CPU limits in guests), secured."""
+    loaded, the sandbox's compose override in place (no CPU limits in guests), secured,
+    nginx in front (a release switches nginx between the api's slots)."""
     from fabfile.sandbox import images
 
     images.load_images(host)
@@ -88,6 +106,17 @@ def ready_for_the_app(host) -> None:
     assert code == 0, out
     secured = fab(host, "secure")
     assert secured.returncode == 0, secured.stdout + secured.stderr
+    proxy = fab(host, "nginx", user="coachntt", env=env)
+    assert proxy.returncode == 0, proxy.stdout + proxy.stderr
+
+
+# What serves the api is whichever slot nginx sends it to: ask nginx, as a client would.
+API_DOMAIN = "api.coachntt.ai"
+
+
+def through_nginx(path: str, curl: str = "curl") -> str:
+    """A curl command line (run on the host) for `path` of the api, through nginx."""
+    return f"{curl} -s -m 5 -H 'Host: {API_DOMAIN}' http://127.0.0.1{path}"
 
 
 @contextmanager

@@ -3,10 +3,11 @@
 One provisioned host (Docker + compose inside) per module: the images built by
 fabfile/sandbox/images.py are loaded, the example repo (a real git repo made here) is
 copied to /opt/coachntt, .env.production written, and the plan's sequence run:
-`up -d postgres`, `run --rm api python -m scripts.migrate`, `up -d`. The tests then
+`up -d postgres`, `run --rm api_a python -m scripts.migrate`, `up -d`. The tests then
 check what the deploy tasks rely on: /health (200 with sha and schema, 503 without the
-database, 500 for a BROKEN_HEALTH release), notes in PostgreSQL, the /ws websocket,
-PgBouncer, pg_dump through ccp_postgres, loopback-only ports and non-root containers.
+database, 500 for a BROKEN_HEALTH release), notes in PostgreSQL, the /ws websocket (and
+its 1001 close when a slot stops), the expand/contract migrations, PgBouncer, pg_dump
+through ccp_postgres, loopback-only ports and non-root containers.
 
 The compose files themselves are also checked as data (no host needed).
 """
@@ -55,10 +56,12 @@ def load_compose(path: Path) -> dict:
 def test_production_compose_follows_the_plan():
     compose = load_compose(PROD_COMPOSE)
     services = compose["services"]
-    assert set(services) == {"postgres", "pgbouncer", "api"}
+    assert set(services) == {"postgres", "pgbouncer", "api_a", "api_b"}
+    assert services["api_a"] | {"ports": None} == services["api_b"] | {"ports": None}, "two slots, one definition"
     assert services["postgres"]["container_name"] == "ccp_postgres"
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
-    assert services["api"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["api_a"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["api_a"]["restart"] == "unless-stopped", "a slot retired after a cutover stays stopped across reboots"
     assert "FROM coachntt/python-base" in (APP_SOURCE / "Dockerfile").read_text()
     assert compose["networks"]["coachntt"]["ipam"]["config"][0]["subnet"] == "172.20.0.0/16"
     for name, service in services.items():
@@ -70,9 +73,10 @@ def test_production_compose_follows_the_plan():
         assert "coachntt" in service["networks"]
         limits = service["deploy"]["resources"]["limits"]
         assert float(limits["cpus"]) <= 0.5 and limits["memory"], f"{name} lacks the plan's limits"
-    assert [s for s in services.values() if s.get("ports")] and "127.0.0.1:8000:8000" in services["api"]["ports"]
+    assert services["api_a"]["ports"] == ["127.0.0.1:${API_A_PORT:-8000}:8000"]
+    assert services["api_b"]["ports"] == ["127.0.0.1:${API_B_PORT:-8002}:8000"], "not 8001: staging listens there"
     assert "127.0.0.1:6432:6432" in services["pgbouncer"]["ports"]
-    for api_limit in ("postgres", "api"):
+    for api_limit in ("postgres", "api_a", "api_b"):
         assert services[api_limit]["deploy"]["resources"]["limits"] == {"cpus": "0.5", "memory": "2g"}
 
 
@@ -199,7 +203,7 @@ def wait_health(host, expect: int, deadline: float = 60) -> dict:
         if status == expect:
             return json.loads(text)
         if time.monotonic() > end:
-            logs = sh(host, f"{COMPOSE} logs --tail 30 api", check=False)
+            logs = sh(host, f"{COMPOSE} logs --tail 30 api_a", check=False)
             pytest.fail(f"/health never answered {expect} within {deadline:.0f}s; last: {seen[-3:]}\napi logs:\n{logs[-2000:]}")
         time.sleep(1)
 
@@ -234,7 +238,7 @@ def stack(sandbox_ready, tmp_path_factory):
 
         started = time.monotonic()
         sh(host, f"{COMPOSE} up -d postgres")
-        migrate_output = sh(host, f"{COMPOSE} run --rm api python -m scripts.migrate")
+        migrate_output = sh(host, f"{COMPOSE} run --rm api_a python -m scripts.migrate")
         sh(host, f"{COMPOSE} up -d")
         wait_health(host, 200)
         timings["compose_up_migrate_healthy"] = time.monotonic() - started
@@ -249,16 +253,17 @@ def stack(sandbox_ready, tmp_path_factory):
 
 def test_health_reports_release_sha_and_schema(stack):
     health = wait_health(stack.host, 200)
-    assert health == {"status": "ok", "version": stack.sha, "schema": 1}
+    assert health == {"status": "ok", "version": stack.sha, "schema": 3}
 
 
 def test_migration_applies_once_and_is_idempotent(stack):
-    assert "applied 0001_init.sql" in stack.migrate_output
-    assert stack.migrate_output.strip().splitlines()[-1] == "schema version: 1"
-    again = sh(stack.host, f"{COMPOSE} run --rm api python -m scripts.migrate")
-    assert "nothing to apply" in again and again.strip().splitlines()[-1] == "schema version: 1"
-    status = sh(stack.host, f"{COMPOSE} run --rm api python -m scripts.migrate --status")
-    assert status.strip().splitlines()[-1] == "schema version: 1" and "pending" not in status
+    for name in ("0001_init.sql", "0002_expand_notes_text.sql", "0003_contract_notes_body.sql"):
+        assert f"applied {name}" in stack.migrate_output
+    assert stack.migrate_output.strip().splitlines()[-1] == "schema version: 3"
+    again = sh(stack.host, f"{COMPOSE} run --rm api_a python -m scripts.migrate")
+    assert "nothing to apply" in again and again.strip().splitlines()[-1] == "schema version: 3"
+    status = sh(stack.host, f"{COMPOSE} run --rm api_a python -m scripts.migrate --status")
+    assert status.strip().splitlines()[-1] == "schema version: 3" and "pending" not in status
 
 
 def test_notes_round_trip_through_postgres(stack):
@@ -280,6 +285,75 @@ def test_websocket_hello_and_echo_on_the_published_port(stack):
     assert result["hello"] == {"type": "hello", "version": stack.sha}
 
 
+# Runs on the host: a websocket to slot b, kept open until the slot is stopped.
+WS_UNTIL_STOPPED = """
+import json, struct, sys
+sys.path.insert(0, "/opt/coachntt/scripts")
+import ws_probe as w
+conn = w.connect("ws://127.0.0.1:8002/ws", 15, None, None)
+hello = json.loads(w.read_message(conn))
+w.send_frame(conn, 1, b"before the stop")
+print(json.dumps({"hello": hello, "echo": w.read_message(conn).decode()}), flush=True)
+opcode, payload = w.read_frame(conn)
+w.send_frame(conn, 8, payload[:2])
+after = conn.sock.recv(16)
+print(json.dumps({"opcode": opcode, "code": struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None,
+                  "reason": payload[2:].decode(), "after": after.decode()}), flush=True)
+"""
+
+
+def test_a_slot_stopping_closes_its_websockets_with_1001_going_away(stack):
+    """What a cutover relies on when it retires the old slot: a close frame, never a reset."""
+    sh(stack.host, "cat > /tmp/ws_until_stopped.py", stdin=WS_UNTIL_STOPPED.encode())
+    sh(stack.host, f"{COMPOSE} up -d --no-deps api_b")
+    deadline = time.monotonic() + 60
+    while sh(stack.host, "curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8002/health", check=False) != "200":
+        assert time.monotonic() < deadline, "slot b never answered"
+        time.sleep(1)
+    try:
+        out = sh(stack.host, f"python3 /tmp/ws_until_stopped.py > /tmp/ws.out 2>&1 & sleep 2; "
+                             f"{COMPOSE} stop -t 20 api_b >/dev/null 2>&1; wait; cat /tmp/ws.out")
+    finally:
+        sh(stack.host, f"{COMPOSE} start api_b", check=False)
+    opened, closed = (json.loads(line) for line in out.strip().splitlines()[-2:])
+    assert opened == {"hello": {"type": "hello", "version": stack.sha}, "echo": "before the stop"}, out
+    assert closed == {"opcode": 8, "code": 1001, "reason": "going away", "after": ""}, out
+
+
+def test_expand_keeps_the_release_before_working_and_contract_drops_what_it_kept(stack):
+    """The two example migrations do what they say, in a scratch database: after the
+    expand (0002) rows written the old way (body only) and the new way (text only) read
+    the same in both columns; the contract (0003) drops body and keeps every row."""
+    psql = "docker exec -i ccp_postgres psql -X -q -v ON_ERROR_STOP=1 -U coachntt -At"
+    sh(stack.host, f"{psql} -d postgres -c 'DROP DATABASE IF EXISTS expand_check' -c 'CREATE DATABASE expand_check'")
+    try:
+        for name in ("0001_init", "0002_expand_notes_text"):
+            sh(stack.host, f"{psql} -d expand_check < {APP_DIR}/migrations/{name}.sql")
+        rows = sh(stack.host, f"{psql} -d expand_check -c \"INSERT INTO notes (body) VALUES ('old code')\" "
+                              f"-c \"INSERT INTO notes (text) VALUES ('new code')\" -c 'SELECT body, text FROM notes ORDER BY id'")
+        assert rows.strip().splitlines() == ["old code|old code", "new code|new code"], rows
+        sh(stack.host, f"{psql} -d expand_check < {APP_DIR}/migrations/0003_contract_notes_body.sql")
+        columns = sh(stack.host, f"{psql} -d expand_check -c \"SELECT column_name FROM information_schema.columns "
+                                 "WHERE table_name = 'notes' ORDER BY column_name\" -c 'SELECT text FROM notes ORDER BY id'")
+        assert columns.strip().splitlines() == ["created_at", "id", "text", "old code", "new code"], columns
+    finally:
+        sh(stack.host, f"{psql} -d postgres -c 'DROP DATABASE IF EXISTS expand_check'", check=False)
+
+
+def test_metrics_count_requests_and_time_requests_and_queries(stack):
+    for _ in range(3):
+        http(stack.host, "GET", "/api/notes")
+    http(stack.host, "GET", "/api/notes/not-a-number")
+    status, text = http(stack.host, "GET", "/metrics")
+    assert status == 200, text
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert values['http_requests_total{status="2xx"}'] >= 3 and values['http_requests_total{status="4xx"}'] >= 1
+    assert values["http_request_duration_seconds_count"] >= 4 and values["http_request_duration_seconds_sum"] > 0
+    assert values['http_request_duration_seconds_bucket{le="+Inf"}'] == values["http_request_duration_seconds_count"]
+    assert values["db_query_duration_seconds_count"] >= 3, "every list ran a query"
+    assert "# TYPE db_query_duration_seconds histogram" in text
+
+
 def test_pgbouncer_and_the_backup_path_reach_the_database(stack):
     http(stack.host, "POST", "/api/notes", {"body": "counted through pgbouncer"})
     count = sh(stack.host, f"PGPASSWORD={stack.password} psql -h 127.0.0.1 -p 6432 -U coachntt -d coachntt_prod "
@@ -292,11 +366,11 @@ def test_pgbouncer_and_the_backup_path_reach_the_database(stack):
 
 def test_ports_loopback_only_containers_non_root(stack):
     listening = sh(stack.host, "ss -Hltn")
-    for port in ("8000", "6432"):
+    for port in ("8000", "8002", "6432"):
         assert f"127.0.0.1:{port} " in listening, listening
         assert f"0.0.0.0:{port} " not in listening and f"*:{port} " not in listening, listening
     assert ":5432 " not in listening, "PostgreSQL must not be published on the host"
-    for container in ("ccp_postgres", "coachntt-api-1", "coachntt-pgbouncer-1"):
+    for container in ("ccp_postgres", "coachntt-api_a-1", "coachntt-api_b-1", "coachntt-pgbouncer-1"):
         uid = sh(stack.host, f"docker exec {container} id -u").strip()
         assert uid != "0", f"{container} runs as root"
     subnet = sh(stack.host, "docker network inspect coachntt -f '{{range .IPAM.Config}}{{.Subnet}}{{end}}'").strip()
@@ -306,7 +380,7 @@ def test_ports_loopback_only_containers_non_root(stack):
 def test_override_keeps_memory_limits_and_production_keeps_cpus(stack):
     merged = json.loads(sh(stack.host, f"{COMPOSE} config --format json 2>/dev/null"))
     production = json.loads(sh(stack.host, f"cd {APP_DIR} && docker compose -f docker-compose.prod.yml config --format json 2>/dev/null"))
-    for name in ("postgres", "api"):
+    for name in ("postgres", "api_a", "api_b"):
         assert "cpus" not in merged["services"][name]["deploy"]["resources"]["limits"]
         assert merged["services"][name]["deploy"]["resources"]["limits"]["memory"]
         assert float(production["services"][name]["deploy"]["resources"]["limits"]["cpus"]) == 0.5
@@ -327,14 +401,14 @@ def test_a_broken_release_fails_health_and_a_fix_recovers(stack):
     """What the deploy tests rely on: commit BROKEN_HEALTH to get a bad sha."""
     bad = example_repo.commit_change(stack.repo, "break health", {"BROKEN_HEALTH": ""})
     push_repo(stack.host, stack.repo)
-    sh(stack.host, f"{COMPOSE} up -d --build api")
+    sh(stack.host, f"{COMPOSE} up -d --build api_a")
     health = wait_health(stack.host, 500, deadline=60)
     assert health["version"] == bad and health["status"] == "broken"
 
     good = example_repo.commit_change(stack.repo, "fix health", {"BROKEN_HEALTH": None})
     push_repo(stack.host, stack.repo)
-    sh(stack.host, f"export APP_VERSION={good}; {COMPOSE} up -d --build api")
+    sh(stack.host, f"export APP_VERSION={good}; {COMPOSE} up -d --build api_a")
     health = wait_health(stack.host, 200, deadline=60)
-    assert health["version"] == good and health["schema"] == 1
+    assert health["version"] == good and health["schema"] == 3
     tags = sh(stack.host, "docker image ls coachntt/api --format '{{.Tag}}'")
     assert good in tags.split(), "APP_VERSION should tag the api image for instant rollbacks"

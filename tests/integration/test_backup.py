@@ -1,11 +1,13 @@
 """backup.* on a real sandbox host with examples/app deployed and a real PostgreSQL.
 
-One host, in order: awkward rows written, a backup taken, rows changed and
+One host, in order: awkward rows written, a backup taken (zstd), a zlib dump
+of earlier versions still verified, rows changed and
 deleted, the backup restored and every original row back exactly; a dump cut
 off by the database container stopping; verify catching a flipped byte and a
 truncated file; a corrupt restore and a restore whose client is killed leaving
 the live database untouched (or cleanly swapped) and /health at 200; prune on a
-synthetic dated set; a full disk; bad input. Every failure is one line on
+synthetic dated set; a full disk; data archives made, verified, restored exactly
+and refused when damaged or out of space; bad input. Every failure is one line on
 stderr, never a traceback.
 """
 
@@ -18,7 +20,7 @@ import time
 
 import pytest
 
-from opsrun import BIN, PROJECT_DIR, console, example_app_served, fab, ready_for_the_app
+from opsrun import BIN, PROJECT_DIR, console, example_app_served, fab, one_line, ready_for_the_app, through_nginx
 
 PSQL = "docker exec -i ccp_postgres psql -X -q -v ON_ERROR_STOP=1 -U coachntt -d coachntt_prod"
 # Non-ASCII text, control characters, NULLs, bytea with zero bytes, large values.
@@ -47,15 +49,6 @@ def table_digest(host, table: str) -> str:
     return out.split()[0]
 
 
-def one_line(result: subprocess.CompletedProcess, *words: str) -> str:
-    assert "Traceback" not in result.stderr + result.stdout, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
-
-
 class Service:
     def __init__(self, host, env: dict):
         self.host, self.env = host, env
@@ -77,7 +70,8 @@ class Service:
         return out
 
     def health(self) -> int:
-        code, out = console(self.host, "curl -s -m 5 -o /dev/null -w '%{http_code}' http://127.0.0.1:8000/health")
+        # As a client gets it: through nginx, from the slot that serves.
+        code, out = console(self.host, through_nginx("/health", curl="curl -o /dev/null -w '%{http_code}'"))
         return int(out.strip() or 0) if code == 0 else 0
 
     def wait_healthy(self, seconds: int = 60) -> None:
@@ -92,7 +86,7 @@ class Service:
     def listed(self) -> dict[str, str]:
         result = self.fab("backup.list")
         assert result.returncode == 0, result.stdout + result.stderr
-        return {line.split()[0]: line for line in result.stdout.splitlines() if line.strip().startswith("db_")}
+        return {line.split()[0]: line for line in result.stdout.splitlines() if line.strip().startswith(("db_", "data_"))}
 
     def databases(self) -> list[str]:
         return self.sh(f"{PSQL} -At -d postgres -c 'SELECT datname FROM pg_database'").split()
@@ -126,6 +120,9 @@ def test_a_backup_is_whole_checked_and_listed(service):
     tables = {t["table"]: t["rows"] for t in manifest["tables"]}
     assert tables["public.probe"] == 4 and "public.notes" in tables, manifest
     assert manifest["database"] == "coachntt_prod" and manifest["release"] and manifest["postgres"], manifest
+    # PostgreSQL 17 in the app's image: zstd:1, the measured choice (benchmarks/README.md)
+    assert manifest["compression"] == "zstd:1", manifest
+    assert "Compression: zstd" in service.sh(f"docker exec -i ccp_postgres pg_restore -l < /backups/{name}")
     assert service.sh(f"cd /backups && sha256sum -c {name}.sha256").strip().endswith("OK")
     assert service.sh(f"stat -c '%a %U' /backups/{name}").strip() == "600 coachntt"
     line = service.listed()[name]
@@ -138,6 +135,19 @@ def test_a_backup_is_whole_checked_and_listed(service):
 
     again = service.backup_now()
     assert again != name, "a second backup never overwrites the first"
+
+
+def test_a_zlib_dump_of_earlier_versions_still_verifies(service):
+    """backup.now wrote pg_dump's default zlib before it chose zstd: those files must still restore."""
+    name = service.backup_now()  # nothing writes in between: its manifest fits the zlib dump too
+    old = "db_20200101_000000_zlib.dump"
+    service.sh(f"cd /backups && docker exec ccp_postgres pg_dump -Fc -U coachntt -d coachntt_prod > {old} && "
+               f"cp {name}.json {old}.json && sha256sum {old} > {old}.sha256 && chown coachntt:coachntt {old}*")
+    assert "Compression: gzip" in service.sh(f"docker exec -i ccp_postgres pg_restore -l < /backups/{old}")
+    verified = service.fab("backup.verify", old)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "ok " in service.listed()[old]
+    service.sh(f"cd /backups && rm -f {old}* {name}*")
 
 
 def test_restore_brings_every_original_row_back_exactly(service):
@@ -282,6 +292,78 @@ def test_a_full_disk_fails_cleanly_and_the_service_stays_up(service):
     assert service.health() == 200
 
 
+DATA = "/opt/coachntt/data"
+# Owners other than the deploy user, modes it cannot read, a symlink, an empty
+# directory, non-ASCII and spaces in names, binary content.
+DATA_FILES = f"""
+rm -rf {DATA} {DATA}.* && install -d -m 750 -o 1000 -g 1000 {DATA} &&
+mkdir -p {DATA}/uploads/ü-dir {DATA}/empty &&
+printf 'private to uid 1000' > {DATA}/uploads/private.txt && chmod 600 {DATA}/uploads/private.txt &&
+head -c 300000 /dev/urandom > {DATA}/uploads/ü-dir/blob.bin &&
+ln -s uploads/private.txt {DATA}/link && printf x > "{DATA}/name with spaces" &&
+chown -R 1000:1000 {DATA}/uploads
+"""
+# Every path with its type, mode, owner, size and link target; then every file's sha256.
+DATA_SNAPSHOT = (f"cd {DATA} && find . -printf '%p %y %m %U %G %s %l\\n' | sort && "
+                 "find . -type f -exec sha256sum {} + | sort")
+
+
+def test_a_data_archive_is_whole_verified_and_restored_exactly(service):
+    service.sh(DATA_FILES)
+    original = service.sh(DATA_SNAPSHOT)
+    name = service.backup_now("--data")
+    assert name.startswith("data_") and name.endswith("_manual.tar.gz"), name
+    assert {name, f"{name}.sha256", f"{name}.json"} <= set(service.backups())
+    assert service.sh(f"stat -c '%a %U' /backups/{name}").strip() == "600 coachntt"
+    manifest = json.loads(service.sh(f"cat /backups/{name}.json"))
+    assert manifest["directory"] == DATA and manifest["entries"] == 8 and manifest["bytes"] == 300000 + 19 + 1, manifest
+    assert "data/manual" in service.listed()[name]
+
+    verified = service.fab("backup.verify", "latest-data")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "8 entries" in verified.stdout and "ok " in service.listed()[name]
+    assert service.sh(f"ls -d {DATA}.* 2>/dev/null; true").strip() == "", "the scratch copy is removed"
+
+    service.sh(f"rm {DATA}/uploads/ü-dir/blob.bin && echo changed > {DATA}/uploads/private.txt && touch {DATA}/new")
+    result = service.fab("backup.restore", name, "--yes")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert service.sh(DATA_SNAPSHOT) == original, "every file back with its owner, mode and content"
+    kept = service.sh(f"ls -d {DATA}.before_*").split()
+    assert len(kept) == 1 and service.sh(f"cat {kept[0]}/uploads/private.txt").strip() == "changed", "the one before is kept"
+    assert service.health() == 200
+    assert console(service.host, "test -d /var/lib/coachntt-ops/deploy.lock")[0] != 0
+
+
+def test_a_damaged_data_archive_is_caught_and_restores_nothing(service):
+    good = service.sh("ls /backups | grep '^data_.*tar.gz$' | tail -n 1").strip()
+    bad = "data_20200101_000000_cut.tar.gz"
+    # Cut short, with a checksum that matches the cut file: only reading it all back can tell.
+    service.sh(f"cd /backups && head -c 150000 {good} > {bad} && cp {good}.json {bad}.json && sha256sum {bad} > {bad}.sha256 && "
+               f"chown coachntt:coachntt {bad}*")
+    before = service.sh(DATA_SNAPSHOT)
+    for args in (("backup.verify", bad), ("backup.restore", bad, "--yes")):
+        result = service.fab(*args)
+        assert result.returncode == 1, result.stdout + result.stderr
+        one_line(result, f"extracting {bad} failed")
+    assert "failed" in service.listed()[bad]
+    assert service.sh(DATA_SNAPSHOT) == before and service.health() == 200
+    assert not service.sh(f"ls -d {DATA}.verify_* {DATA}.restore_* 2>/dev/null; true").strip()
+    service.sh(f"rm -f /backups/{bad}*")
+
+
+def test_a_data_archive_on_a_full_disk_leaves_nothing(service):
+    service.sh(f"head -c 4000000 /dev/urandom > {DATA}/big.bin")
+    service.sh("mount -t tmpfs -o size=2m,mode=700 tmpfs /backups && chown coachntt:coachntt /backups")
+    try:
+        full = service.fab("backup.now", "--data", env={"COACHNTT_BACKUP__MIN_FREE_MB": "0"})
+        assert full.returncode == 1, full.stdout + full.stderr
+        assert "space" in one_line(full, "archiving").lower()
+        assert service.sh("ls -A /backups") == "", "no partial archive, no sidecar"
+    finally:
+        service.sh(f"umount /backups; rm -f {DATA}/big.bin")
+    assert service.health() == 200
+
+
 @pytest.mark.parametrize("args, env, code, words", [
     (("backup.restore", "db_20200101_000000_nothere.dump", "--yes"), {}, 2, "no backup db_20200101_000000_nothere.dump"),
     (("backup.verify", "db_20200101_000000_nothere.dump"), {}, 2, "no backup"),
@@ -289,6 +371,8 @@ def test_a_full_disk_fails_cleanly_and_the_service_stays_up(service):
     (("backup.verify", "db_x/../y.dump"), {}, 2, "no '/' or '..'"),
     (("backup.list",), {"COACHNTT_BACKUP__DIR": "/nonexistent"}, 2, "missing"),
     (("backup.now",), {"COACHNTT_BACKUP__DIR": "/nonexistent"}, 2, "missing"),
+    (("backup.now", "--data"), {"COACHNTT_APP__DATA_DIR": "/nonexistent"}, 2, "data directory /nonexistent is missing"),
+    (("backup.restore", "data_20200101_000000_x.tar.gz", "--yes"), {}, 2, "no backup data_20200101_000000_x.tar.gz"),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(service, args, env, code, words):
     before = service.backups()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fabfile.sandbox import example_repo
-from opsrun import console, example_app_served, fab, ready_for_the_app
+from opsrun import console, example_app_served, fab, ready_for_the_app, through_nginx
 
 MIGRATION_2 = "ALTER TABLE notes ADD COLUMN IF NOT EXISTS pinned boolean NOT NULL DEFAULT false;\n"
 
@@ -34,13 +34,13 @@ class Service:
         return result
 
     def health(self) -> dict:
-        code, out = console(self.host, "curl -s -m 5 http://127.0.0.1:8000/health")
+        code, out = console(self.host, through_nginx("/health"))
         assert code == 0, out
         return json.loads(out)
 
     def api(self, method: str, path: str, body: dict | None = None) -> str:
         data = f"-H 'Content-Type: application/json' -d '{json.dumps(body)}'" if body else ""
-        code, out = console(self.host, f"curl -s -m 5 -X {method} {data} http://127.0.0.1:8000{path}")
+        code, out = console(self.host, through_nginx(path, curl=f"curl -X {method} {data}"))
         assert code == 0, out
         return out
 
@@ -77,12 +77,12 @@ def test_deploy_serves_the_exact_sha(service):
 def test_deploy_with_a_migration_keeps_existing_data(service):
     created = service.api("POST", "/api/notes", {"body": "written before B"})
     assert "written before B" in created, created
-    service.shas["B"] = example_repo.commit_change(service.repo, "add pinned notes", {"migrations/0002_pinned.sql": MIGRATION_2})
+    service.shas["B"] = example_repo.commit_change(service.repo, "add pinned notes", {"migrations/0004_pinned.sql": MIGRATION_2})
 
     result = service.fab("deploy", "--sha", service.shas["B"])
     assert result.returncode == 0, result.stdout + result.stderr
     health = service.health()
-    assert health["version"] == service.shas["B"] and health["schema"] == 2, health
+    assert health["version"] == service.shas["B"] and health["schema"] == 4, health
     assert "written before B" in service.api("GET", "/api/notes")
     code, backups = console(service.host, "ls /backups")
     assert code == 0 and f"pre-{service.shas['B'][:12]}" in backups, backups

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shlex
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -95,7 +96,8 @@ def test_nginx_upgrades_websockets_on_ws(proxy_host):
 def test_nginx_keeps_the_old_config_serving_when_the_new_one_fails(proxy_host):
     code, before = console(proxy_host, "cat /etc/nginx/conf.d/coachntt.conf")
     assert code == 0
-    broken = fab(proxy_host, "nginx", env={"COACHNTT_UPSTREAMS__API": "no-such-upstream.invalid:8000"})
+    # (The api goes through the slot upstream the deploy owns; staging's address is in the site file.)
+    broken = fab(proxy_host, "nginx", env={"COACHNTT_UPSTREAMS__STAGING": "no-such-upstream.invalid:8001"})
     assert broken.returncode != 0
     assert "Traceback" not in broken.stderr and "nginx" in broken.stderr, broken.stderr
     assert console(proxy_host, "cat /etc/nginx/conf.d/coachntt.conf")[1] == before
@@ -106,3 +108,22 @@ def test_nginx_second_run_changes_nothing(proxy_host):
     result = fab(proxy_host, "nginx")
     assert result.returncode == 0
     assert " 0 changed" in result.stdout, result.stdout
+
+
+def test_nginx_writes_the_slot_include_once_and_never_moves_the_api(proxy_host):
+    """The include naming the live api slot belongs to deploy and rollback once it exists:
+    rerunning `nginx` (e.g. after ssl.issue) must not send the api back to slot a."""
+    include = "/etc/nginx/coachntt/api-upstream.conf"
+    code, first = console(proxy_host, f"cat {include}")
+    assert code == 0 and "server 127.0.0.1:8000;" in first, first
+    code, out = console(proxy_host, f"sed -i 's/127.0.0.1:8000/127.0.0.1:8002/' {include} && nginx -t -q && systemctl reload nginx")
+    assert code == 0, out
+    try:
+        result = fab(proxy_host, "nginx")
+        assert result.returncode == 0 and " 0 changed" in result.stdout, result.stdout + result.stderr
+        assert "server 127.0.0.1:8002;" in console(proxy_host, f"cat {include}")[1]
+    finally:
+        code, out = console(proxy_host, f"printf '%s' {shlex.quote(first)} > {include} && systemctl reload nginx")
+        assert code == 0, out
+    time.sleep(1)
+    assert http_get(proxy_host.ip, API)[0] == 200

@@ -16,9 +16,11 @@ import pytest
 
 from fabfile import sandbox
 from fabfile.sandbox.hosts import CGROUP_PREFIX, hosts_dir, veth_name
+from fabfile.sandbox.network import BRIDGE_MAC
 from fabfile.sandbox.paths import APT_PROXY_PORT, BRIDGE, CGROUP_ROOTS, GATEWAY_IP
 
-pytestmark = pytest.mark.slow
+# down --all destroys every host, a parallel worker's too: `-m alone`, after the rest.
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 
 def ssh(host: sandbox.Host, command: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -57,6 +59,11 @@ def test_five_hosts_come_up_in_parallel_and_all_are_reachable(vps_factory):
         result = ssh(host, "hostname")
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == host.name
+    # Hosts joining never move the gateway's MAC (each host's ARP entry for it stays right).
+    assert Path(f"/sys/class/net/{BRIDGE}/address").read_text().strip() == BRIDGE_MAC
+    for host in hosts:
+        neighbour = ssh(host, f"ip neigh show {GATEWAY_IP}").stdout
+        assert BRIDGE_MAC in neighbour, f"{host.name} sees the gateway at {neighbour!r}"
 
 
 def test_apt_get_install_in_a_fresh_host_works_through_the_proxy(vps):
@@ -173,10 +180,17 @@ def test_the_relay_refuses_targets_outside_the_sandbox():
 def test_sandbox_release_rehearses_the_whole_runbook_through_the_cli(sandbox_ready):
     """The README's first command ends with this: it must stay true."""
     result = subprocess.run([str(Path(sys.executable).parent / "inv"), "sandbox.release"],
-                            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=900)
+                            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=2400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     assert "rehearsal passed" in result.stdout
-    assert "rolled back to" in result.stderr, "the broken release must have been rolled back automatically"
+    assert "failed during watch" in result.stderr and "rolled back to" in result.stderr, \
+        "the broken release must have passed staging and been rolled back automatically by its watch"
+    summary = result.stdout[result.stdout.index("rehearsal passed"):]
+    for step, outcome in (("release B", "ok"), ("release C", "failed, rolled back"), ("rollback --to A", "ok")):
+        line = next(line for line in summary.splitlines() if line.strip().startswith(step))
+        assert outcome in line and line.split()[len(step.split()) + 1 + len(outcome.split())] == "0", \
+            f"no failed request during the cutover: {line}"
+    assert "ssl.issue" in summary and "monitor.stack" in summary and "staging.setup" in summary, summary
     assert "rehearsal" not in [host.name for host in sandbox.list_hosts()], "the rehearsal host is gone"
 
 

@@ -50,7 +50,9 @@ def test_secure_hardens_a_fresh_host_without_locking_out_the_operator(vps_factor
     again = fab(host, "secure", "--json", user="coachntt")
     assert again.returncode == 0, again.stdout + again.stderr
     steps = [r for r in json_lines(again.stdout) if "step" in r]
-    assert steps and all(r["status"] == "ok" for r in steps), again.stdout
+    # The OS baseline's kernel-bound items are skipped in the sandbox's containers (test_os_baseline.py).
+    container_bound = {"baseline sysctl", "baseline auditd", "baseline process-accounting"}
+    assert steps and all(r["status"] == "ok" or (r["step"] in container_bound and r["status"] == "skipped") for r in steps), again.stdout
 
 
 def test_secure_refuses_to_harden_sshd_when_the_deploy_login_cannot_be_proven(vps_factory, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shlex
 from pathlib import Path
@@ -13,7 +14,7 @@ import yaml
 
 from fabfile.core import redact
 from fabfile.core.settings import PROJECT_DIR, Settings
-from fabfile.core.target import Result, Target
+from fabfile.core.target import TOOL_UMASK, Result, Target
 
 INVOKE_YAML = PROJECT_DIR / "invoke.yaml"
 
@@ -62,6 +63,14 @@ _PROBE = re.compile(
 )
 
 
+def unwrapped_umask(command: str) -> str:
+    """A sent command without the umask every command starts with (core/target.TOOL_UMASK)."""
+    if command.startswith("sudo -n ") and f"{TOOL_UMASK}; " in command:
+        words = shlex.split(command)
+        return shlex.join(words[:-1]) + " " + shlex.quote(words[-1].removeprefix(f"{TOOL_UMASK}; "))
+    return command.removeprefix(f"{TOOL_UMASK}; ")
+
+
 class FakeHost(Target):
     """A host given as data.
 
@@ -83,9 +92,10 @@ class FakeHost(Target):
         self.sent: list[str] = []
 
     def _execute(self, command, timeout):
+        command = unwrapped_umask(command)
         self.sent.append(command)
         if command.startswith("sudo -n "):
-            command = shlex.split(command)[-1]  # what the host's sh would run
+            command = unwrapped_umask(shlex.split(command)[-1])  # what the host's sh would run
         probes = list(_PROBE.finditer(command))
         if probes:
             out = ""
@@ -161,13 +171,17 @@ def refused_before_connecting(project_context, mocker, monkeypatch):
 def host_with_release_facts(fake_host, log: str, head: str, *, replies=None, **overrides):
     """A FakeHost answering a release's preflight probes: a healthy host with `log`
     and `head`; `overrides` replace single facts by name (env=("", 1), ...)."""
+    from fabfile.core import slots
     from fabfile.core.app import App, release_probes
     from fabfile.core.settings import Settings
 
     defaults = yaml.safe_load(INVOKE_YAML.read_text())["coachntt"]
     probes = release_probes(App.from_settings(Settings("production", defaults)))
+    # nginx sends the api to slot a, which runs `head` (and slot b holds nothing yet).
+    live = json.dumps({"Service": "api_a", "State": "running", "Image": f"coachntt/api:{head}"})
     answers = {"log": (log, 0), "head": (head, 0), "env": ("", 0), "docker": ("26.1.5", 0), "database": ("", 0),
-               "disk": ("/ 24%\n/ 24%", 0), **overrides}
+               "disk": ("/ 24%\n/ 24%", 0), "upstream": (slots.render_upstream(slots.Slot("a", 8000), head), 0),
+               "site_slots": ("", 0), "containers": (live, 0), "nginx": ("", 0), **overrides}
     return fake_host(facts={probes[name]: answer for name, answer in answers.items()}, replies=replies)
 
 

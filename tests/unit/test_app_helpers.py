@@ -54,11 +54,13 @@ def test_compose_uses_every_file_and_tags_the_release(defaults):
     defaults["app"]["compose_overrides"] = ["docker-compose.sandbox.yml"]
     app = App.from_settings(Settings("sandbox", defaults))
     assert app.compose("up -d", SHA) == (
-        f"cd /opt/coachntt && APP_VERSION={SHA} docker compose --ansi never -f docker-compose.prod.yml -f docker-compose.sandbox.yml up -d"
+        f"cd /opt/coachntt && API_A_PORT=8000 API_B_PORT=8002 APP_VERSION={SHA} "
+        "docker compose --ansi never -f docker-compose.prod.yml -f docker-compose.sandbox.yml up -d"
     )
     assert app.compose("ps") == (
-        "cd /opt/coachntt && docker compose --ansi never -f docker-compose.prod.yml -f docker-compose.sandbox.yml ps"
-    )
+        "cd /opt/coachntt && API_A_PORT=8000 API_B_PORT=8002 "
+        "docker compose --ansi never -f docker-compose.prod.yml -f docker-compose.sandbox.yml ps"
+    ), "the slots' ports on every command: a slot's definition never changes between two of them"
 
 
 def test_fetch_resolves_the_sha_as_the_app_owner(app, fake_host):
@@ -132,10 +134,11 @@ def test_a_fetch_answer_that_is_not_a_commit_id_never_becomes_the_release(app, f
 
 def test_gate_result_separates_responses_from_logs(app, fake_host):
     host = fake_host(replies={"health-gate": (1, "0s 000 \n1s 502 Bad Gateway\n--- api logs ---\napi | boom\n", "")})
-    gate = health_gate(host, app)
+    gate = health_gate(host, app, url="http://127.0.0.1:8002/health", service="api_b")
     assert not gate.passed
     assert gate.responses == ["0s 000 ", "1s 502 Bad Gateway"]
     assert gate.logs == "api | boom"
+    assert "http://127.0.0.1:8002/health" in host.sent[0] and "logs --no-color --tail 20 api_b" in host.sent[0]
 
 
 # --- the gate script for real, against a local HTTP server -----------------------
@@ -172,14 +175,14 @@ def local_app(app, tmp_path):
 
 @pytest.mark.skipif(not shutil.which("curl"), reason="the gate uses curl")
 def test_gate_passes_when_health_answers_200(local_app, http_server):
-    gate = health_gate(LocalTarget(invoke.Context()), dataclasses.replace(local_app, health_url=f"{http_server}/health"), deadline=5)
+    gate = health_gate(LocalTarget(invoke.Context()), local_app, url=f"{http_server}/health", service="api_a", deadline=5)
     assert gate.passed
     assert gate.responses[-1].split()[1:] == ["200", '{"status":', '"ok"}']
 
 
 @pytest.mark.skipif(not shutil.which("curl"), reason="the gate uses curl")
 def test_gate_fails_at_the_deadline_showing_each_answer(local_app, http_server):
-    gate = health_gate(LocalTarget(invoke.Context()), dataclasses.replace(local_app, health_url=f"{http_server}/down"), deadline=0)
+    gate = health_gate(LocalTarget(invoke.Context()), local_app, url=f"{http_server}/down", service="api_a", deadline=0)
     assert not gate.passed
     assert [line.split()[1] for line in gate.responses] == ["503"]
     assert gate.logs, "a failed gate also shows the api's logs (here: why they could not be read)"

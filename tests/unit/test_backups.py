@@ -9,7 +9,7 @@ import pytest
 
 from fabfile import backup as backup_module
 from fabfile import deploy as deploy_module
-from fabfile.core import backups, retention, templates
+from fabfile.core import backups, data_archives, retention
 from fabfile.core.app import App
 from fabfile.core.errors import OpsError, UsageError
 from fabfile.core.settings import Settings, validate
@@ -31,6 +31,7 @@ def app(defaults):
     "db_20261201_210455_pre-0123456789ab.dump",
     "db_20261201_210455_manual-2.dump",
     "db_20261125_030000_pre-0123456789ab.sql.gz",  # plain dumps of earlier versions still restore
+    "data_20261206_030000_weekly.tar.gz",
 ])
 def test_backup_names_of_ours_are_accepted(name):
     assert backups.validate_name(name) == name
@@ -45,6 +46,9 @@ def test_backup_names_of_ours_are_accepted(name):
     ("db_2026_manual.dump", "not a backup name"),
     ("db_20261201_210455_$(reboot).dump", "not a backup name"),
     ("db_20261201_210455_a b.dump", "not a backup name"),
+    ("db_20261201_210455_manual.tar.gz", "not a backup name"),  # kind and format go together
+    ("data_20261201_210455_manual.dump", "not a backup name"),
+    ("data_20261201_210455_../x.tar.gz", "no '/' or '..'"),
 ])
 def test_anything_else_is_bad_input(name, words):
     with pytest.raises(UsageError) as info:
@@ -58,6 +62,10 @@ def test_a_name_says_when_and_what_kind():
     assert backups.kind_of("db_20261201_210455_pre-0123456789ab.dump") == "pre-deploy"
     assert backups.kind_of("db_20261201_210455_manual-3.dump") == "manual"
     assert backups.kind_of("db_20261201_210455_daily.sql.gz") == "daily (sql.gz)"
+    assert backups.kind_of("data_20261206_030000_weekly-2.tar.gz") == "data/weekly"
+    assert backups.taken_at("data_20261206_030000_weekly.tar.gz") == datetime(2026, 12, 6, 3, 0, 0, tzinfo=UTC)
+    assert backups.is_data("data_20261206_030000_weekly.tar.gz")
+    assert not backups.is_data("db_20261201_210455_manual.dump") and not backups.is_data("data_x.tar.gz")
 
 
 @pytest.mark.parametrize("label", ["manual", "daily", "pre-abc", "x_1"])
@@ -193,7 +201,7 @@ def test_the_dump_prints_its_path_last_and_passes_settings_as_words(app, fake_ho
     words = shlex.split(host.sent[0] if not host.sent[0].startswith("sudo") else shlex.split(host.sent[0])[-1])
     assert words[words.index("dump") + 1:] == ["ccp_postgres", "coachntt", "coachntt_prod", "/backups", "manual",
                                                "/var/lib/coachntt-ops", "64", backups.TOOL]
-    assert words[2] == templates.script("backup-db.sh")
+    assert words[2] == backups.script_text("backup-db.sh")
 
 
 def test_no_database_container_is_no_backup_on_a_first_release_only(app, fake_host):
@@ -252,13 +260,68 @@ def test_restore_without_yes_says_what_would_be_replaced(refused_before_connecti
     assert "replaces the database coachntt_prod" in refused.message and "coachntt_prod_before_" in refused.message
 
 
-def test_schedule_and_pull_are_still_placeholders(refused_before_connecting):
-    assert refused_before_connecting(backup_module.ns.tasks["schedule"]).code == 2
-    assert refused_before_connecting(backup_module.ns.tasks["pull"]).code == 2
-
-
 def test_verify_and_restore_take_the_name_as_a_positional_argument():
     # invoke fills a positional argument only while its value is None.
     for task in (backup_module.verify, backup_module.restore):
         name = next(arg for arg in task.get_arguments() if arg.name == "name")
         assert name.positional and name.default is None
+
+
+# --- data archives ------------------------------------------------------------------
+
+
+def test_a_data_manifest_is_entries_and_bytes():
+    assert data_archives.parse_contents('{"format": "tar.gz", "entries": 12, "bytes": 4096, "size": 900}') == \
+        data_archives.Contents(12, 4096)
+    for text in ("", "[]", '{"entries": "12", "bytes": 1}', '{"entries": 1}', '{"entries": true, "bytes": 1}'):
+        assert data_archives.parse_contents(text) is None, text
+
+
+def test_data_differences_name_what_was_extracted_and_what_was_promised():
+    assert data_archives.differences(data_archives.Contents(3, 10), data_archives.Contents(3, 10)) == []
+    assert data_archives.differences(data_archives.Contents(3, 10), data_archives.Contents(2, 9)) == [
+        "2 entries extracted, the manifest says 3", "9 bytes of files extracted, the manifest says 10"]
+
+
+def test_the_archive_runs_as_the_deploy_user_with_root_only_inside(app, fake_host):
+    host = fake_host(replies={"backup-data archive": (0, "/backups/data_20261201_010000_manual.tar.gz\n", "")})
+    path, warnings = data_archives.archive(host, app, "manual", min_free_mb=64, tool=backups.TOOL)
+    assert path == "/backups/data_20261201_010000_manual.tar.gz" and warnings == []
+    command = host.sent[0] if not host.sent[0].startswith("sudo -n -u") else shlex.split(host.sent[0])[-1]
+    words = shlex.split(command)
+    assert words[:3] == ["sudo", "-n", "bash"] and words[4] == backups.script_text("backup-data.sh")
+    assert words[words.index("archive") + 1:] == ["/backups", "/opt/coachntt/data", "manual", "/var/lib/coachntt-ops", "64",
+                                                  backups.TOOL, "coachntt"]
+
+
+def test_a_missing_data_directory_is_bad_input(app, fake_host):
+    host = fake_host(replies={"backup-data archive": (7, "", "data directory /opt/coachntt/data is missing")})
+    with pytest.raises(UsageError) as info:
+        data_archives.archive(host, app, "manual", min_free_mb=64, tool=backups.TOOL)
+    assert "app.data_dir" in info.value.one_line() and info.value.exit_code == 2
+
+
+def test_an_extracted_copy_unlike_its_manifest_is_removed_before_any_swap(app, fake_host):
+    host = fake_host(replies={"backup-data load": (0, 'restored={"entries": 2, "bytes": 5}\nmanifest={"entries": 3, "bytes": 5}\n', "")})
+    with pytest.raises(OpsError) as info:
+        data_archives.restore_checked(host, app, "data_20261201_010000_manual.tar.gz", "/opt/coachntt/data.restore_x")
+    assert "2 entries extracted, the manifest says 3" in info.value.what and "was not touched" in info.value.hint
+    assert any("backup-data remove" in c and "/opt/coachntt/data.restore_x" in c for c in host.sent)
+    assert not any("backup-data swap" in c for c in host.sent)
+
+
+def test_data_archives_keep_the_newest_n_and_the_newest_verified():
+    names = [f"data_202611{day:02d}_030000_weekly.tar.gz" for day in (1, 8, 15, 22, 29)]
+    archives = [(name, backups.taken_at(name)) for name in names]
+    plan = retention.plan_keep_newest(archives, 2, {names[1]: "newest verified"})
+    assert plan.remove == [names[0], names[2]]
+    assert plan.keep[names[4]] == ["newest", "newest 2"] and plan.keep[names[1]] == ["newest verified"]
+    assert retention.plan_keep_newest(archives, 0, {}).remove == names[:-1], "the newest always stays"
+
+
+def test_set_aside_data_directories_go_like_databases():
+    now = datetime(2026, 12, 10, tzinfo=UTC)
+    names = ["/opt/coachntt/data.before_20261201_000000", "/opt/coachntt/data.before_20261209_000000",
+             "/opt/coachntt/data.verify_20261208_000000", "/opt/coachntt/data.old", "/opt/coachntt/data_before_20261201_000000"]
+    assert retention.stale_set_aside(names, "/opt/coachntt/data", now, 7, separator=".") == [
+        "/opt/coachntt/data.before_20261201_000000", "/opt/coachntt/data.verify_20261208_000000"]

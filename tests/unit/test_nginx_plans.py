@@ -26,14 +26,29 @@ def settings_with(defaults, **dotted):
     return Settings("production", defaults).with_overrides(dotted)
 
 
+NGINX_1_26 = ProbeResult("nginx version: nginx/1.26.3", 0)
+NGINX_1_24 = ProbeResult("nginx version: nginx/1.24.0 (Ubuntu)", 0)
+
+
+def certificate_for(*names: str) -> ProbeResult:
+    """What CERTIFICATE_PROBE prints for a certificate naming `names`."""
+    return ok("issuer=C=US, O=Let's Encrypt, CN=E5\nnotAfter=Mar  1 12:00:00 2031 GMT\n"
+              "sha256 Fingerprint=AB:CD:EF\nX509v3 Subject Alternative Name: \n    "
+              + ", ".join(f"DNS:{name}" for name in names))
+
+
+def site_facts(certificate=missing, content=missing, meta=missing, nginx_version=NGINX_1_26) -> dict:
+    return {"content": content, "meta": meta, "certificate": certificate, "nginx_version": nginx_version}
+
+
 def written(change) -> str:
     """The file content a write_file_command carries inline (base64)."""
     payload = re.search(r"printf %s (\S+) \| base64 -d", change.command)[1]
     return base64.b64decode(payload).decode()
 
 
-def rendered(settings, certificates=missing) -> str:
-    plan = site_step(settings).plan({"content": missing, "meta": missing, "certificates": certificates})
+def rendered(settings, certificate=missing, nginx_version=NGINX_1_26) -> str:
+    plan = site_step(settings).plan(site_facts(certificate, nginx_version=nginx_version))
     (change,) = plan.changes
     return written(change)
 
@@ -52,10 +67,22 @@ def servers_named(config: str, name: str) -> list[str]:
 
 def test_default_settings_give_three_sites(settings):
     assert site_settings(settings) == [
-        {"name": "api", "domain": "api.coachntt.ai", "upstream": "127.0.0.1:8000"},
+        {"name": "api", "domain": "api.coachntt.ai", "upstream": "coachntt_api"},
         {"name": "metrics", "domain": "metrics.coachntt.ai", "upstream": "127.0.0.1:3000"},
         {"name": "staging", "domain": "staging.api.coachntt.ai", "upstream": "127.0.0.1:8001"},
     ]
+
+
+def test_staging_disabled_leaves_its_site_out(defaults):
+    settings = settings_with(defaults, **{"staging.enabled": False})
+    assert [site["name"] for site in site_settings(settings)] == ["api", "metrics"]
+    assert "staging.api.coachntt.ai" not in rendered(settings)
+
+
+def test_staging_enabled_must_be_true_or_false(defaults):
+    with pytest.raises(ConfigError) as info:
+        validate(settings_with(defaults, **{"staging.enabled": "sometimes"}))
+    assert info.value.what == "staging.enabled must be true or false, got 'sometimes'"
 
 
 @pytest.mark.parametrize(
@@ -64,7 +91,6 @@ def test_default_settings_give_three_sites(settings):
         ("domains.api", "api coachntt.ai", "domains.api must be a host name, got 'api coachntt.ai'"),
         ("domains.metrics", "https://metrics.coachntt.ai", "domains.metrics must be a host name, got 'https://metrics.coachntt.ai'"),
         ("domains.staging", "staging", "domains.staging must be a host name, got 'staging'"),
-        ("upstreams.api", "127.0.0.1", "upstreams.api must be host:port, got '127.0.0.1'"),
         ("upstreams.metrics", "http://127.0.0.1:3000", "upstreams.metrics must be host:port, got 'http://127.0.0.1:3000'"),
         ("upstreams.staging", "127.0.0.1:8001; evil", "upstreams.staging must be host:port, got '127.0.0.1:8001; evil'"),
     ],
@@ -79,7 +105,7 @@ def test_bad_domain_or_upstream_is_a_config_error_naming_key_and_value(defaults,
 @pytest.mark.parametrize("upstream", ["127.0.0.1:99999", "127.0.0.1:0"])
 def test_upstream_port_outside_1_to_65535_is_refused(defaults, upstream):
     with pytest.raises(ConfigError):
-        validate(settings_with(defaults, **{"upstreams.api": upstream}))
+        validate(settings_with(defaults, **{"upstreams.staging": upstream}))
 
 
 @pytest.mark.parametrize("rate", ["10/s", "fast", "10r/h", "10 r/s"])
@@ -96,20 +122,23 @@ def test_nginx_task_refuses_a_bad_domain_with_exit_2_before_connecting(refused_b
 
 
 def test_nginx_status_refuses_a_bad_upstream_before_connecting(refused_before_connecting):
-    assert refused_before_connecting(nginx.status, env={"COACHNTT_UPSTREAMS__API": "localhost"}).code == 2
+    assert refused_before_connecting(nginx.status, env={"COACHNTT_UPSTREAMS__STAGING": "localhost"}).code == 2
 
 
 # --- the rendered site -----------------------------------------------------------
 
 
-def test_site_step_reads_the_file_and_the_certificates(settings):
+def test_site_step_reads_the_file_the_certificate_and_the_nginx_version(settings):
     step = site_step(settings)
     assert step.probes["content"] == f"cat -- {SITE_FILE}"
-    assert step.probes["certificates"] == "ls /etc/letsencrypt/live"
+    assert step.probes["certificate"] == (
+        "test -r /etc/letsencrypt/live/coachntt/privkey.pem && openssl x509 -in /etc/letsencrypt/live/coachntt/fullchain.pem "
+        "-noout -issuer -enddate -fingerprint -sha256 -ext subjectAltName")
+    assert step.probes["nginx_version"] == "nginx -v 2>&1"
 
 
 def test_new_site_is_written_then_tested_with_nginx_t_before_reload(settings):
-    plan = site_step(settings).plan({"content": missing, "meta": missing, "certificates": missing})
+    plan = site_step(settings).plan(site_facts())
     (change,) = plan.changes
     assert change.summary.startswith(f"create {SITE_FILE} ")
     assert "why=$(nginx -t -q 2>&1)" in change.command
@@ -126,16 +155,76 @@ def test_without_certificates_every_site_is_plain_http(settings):
         assert "    listen 80;" in block.splitlines()
 
 
-def test_certificate_for_api_gives_api_tls_hsts_and_a_redirect_only(settings):
-    config = rendered(settings, ok("README\napi.coachntt.ai"))
+def test_a_certificate_naming_api_gives_api_tls_hsts_and_a_redirect_only(settings):
+    config = rendered(settings, certificate_for("api.coachntt.ai"))
     redirect, tls = servers_named(config, "api.coachntt.ai")
     assert "location / { return 301 https://$host$request_uri; }" in redirect
+    assert "location /.well-known/acme-challenge/ { root /var/www/html; }" in redirect
+    assert redirect.index("acme-challenge") < redirect.index("return 301"), "challenges are answered, not redirected"
     assert "listen 80;" in redirect and "443" not in redirect
+    assert "Strict-Transport-Security" not in redirect, "HSTS on TLS only"
     assert "    listen 443 ssl;" in tls.splitlines()
-    assert "ssl_certificate /etc/letsencrypt/live/api.coachntt.ai/fullchain.pem;" in tls
+    assert "listen 80" not in tls
+    assert "    ssl_certificate /etc/letsencrypt/live/coachntt/fullchain.pem;" in tls.splitlines()
+    assert "    ssl_certificate_key /etc/letsencrypt/live/coachntt/privkey.pem;" in tls.splitlines()
     assert 'add_header Strict-Transport-Security "max-age=31536000; includeSubDomains" always;' in tls
     (metrics,) = servers_named(config, "metrics.coachntt.ai")
     assert "listen 443" not in metrics and "Strict-Transport-Security" not in metrics
+
+
+def test_one_certificate_naming_every_domain_gives_every_site_tls(settings):
+    config = rendered(settings, certificate_for("api.coachntt.ai", "metrics.coachntt.ai", "staging.api.coachntt.ai"))
+    for domain in ("api.coachntt.ai", "metrics.coachntt.ai", "staging.api.coachntt.ai"):
+        redirect, tls = servers_named(config, domain)
+        assert "return 301 https://$host$request_uri;" in redirect
+        assert "ssl_certificate /etc/letsencrypt/live/coachntt/fullchain.pem;" in tls
+    assert config.count("Strict-Transport-Security") == 3
+
+
+def test_a_certificate_for_other_names_gives_no_tls(settings):
+    config = rendered(settings, certificate_for("www.example.org"))
+    assert "listen 443" not in config and "Strict-Transport-Security" not in config
+
+
+def test_tls_is_1_2_and_1_3_with_forward_secret_aead_ciphers_only(settings):
+    config = rendered(settings, certificate_for("api.coachntt.ai"))
+    (_, tls) = servers_named(config, "api.coachntt.ai")
+    assert "    ssl_protocols TLSv1.2 TLSv1.3;" in tls.splitlines()
+    ciphers = re.search(r"^    ssl_ciphers (\S+);$", tls, re.MULTILINE)[1].split(":")
+    assert ciphers and all(c.startswith("ECDHE-") and ("GCM" in c or "CHACHA20" in c) for c in ciphers), ciphers
+    assert "    ssl_prefer_server_ciphers off;" in tls.splitlines()
+    assert "    ssl_session_tickets off;" in tls.splitlines()
+
+
+def test_other_names_on_443_get_no_certificate_and_the_same_tls_parameters(settings):
+    config = rendered(settings, certificate_for("api.coachntt.ai"))
+    (plain_default, tls_default) = servers_named(config, "_")
+    assert "listen 80 default_server;" in plain_default
+    assert "    listen 443 ssl default_server;" in tls_default.splitlines()
+    assert "    ssl_reject_handshake on;" in tls_default.splitlines()
+    assert "ssl_certificate" not in tls_default
+    (_, api) = servers_named(config, "api.coachntt.ai")
+    tls_parameter = ("ssl_protocols", "ssl_ciphers", "ssl_prefer", "ssl_session")
+    parameters = [line for line in api.splitlines() if line.strip().startswith(tls_parameter)]
+    assert len(parameters) == 6
+    assert all(line in tls_default.splitlines() for line in parameters)
+
+
+def test_without_any_tls_site_nothing_listens_on_443(settings):
+    assert "443" not in rendered(settings)
+
+
+@pytest.mark.parametrize("version,listen,directive", [
+    (NGINX_1_26, "    listen 443 ssl;", True),
+    (NGINX_1_24, "    listen 443 ssl http2;", False),
+    (ProbeResult("nginx version: nginx/1.25.1", 0), "    listen 443 ssl;", True),
+    (ProbeResult("nginx version: nginx/1.25.0", 0), "    listen 443 ssl http2;", False),
+    (missing, "    listen 443 ssl;", True),
+])
+def test_http2_is_spelled_the_way_the_installed_nginx_reads_it(settings, version, listen, directive):
+    (_, tls) = servers_named(rendered(settings, certificate_for("api.coachntt.ai"), nginx_version=version), "api.coachntt.ai")
+    assert listen in tls.splitlines()
+    assert ("    http2 on;" in tls.splitlines()) is directive
 
 
 def test_rate_and_burst_come_from_settings(defaults):
@@ -148,7 +237,7 @@ def test_rate_and_burst_come_from_settings(defaults):
 def test_websocket_location_upgrades_and_stays_open_for_an_hour(settings):
     (api,) = servers_named(rendered(settings), "api.coachntt.ai")
     ws = re.search(r"location /ws \{\n(.*?)\n    \}", api, re.DOTALL)[1]
-    assert "proxy_pass http://127.0.0.1:8000;" in ws
+    assert "proxy_pass http://coachntt_api;" in ws, "the live slot, through the upstream the slot include defines"
     assert "proxy_http_version 1.1;" in ws
     assert "proxy_set_header Upgrade $http_upgrade;" in ws
     assert "proxy_set_header Connection $connection_upgrade;" in ws
@@ -168,9 +257,9 @@ def test_any_other_name_gets_no_answer_from_the_default_server(settings):
 
 
 def test_unchanged_site_is_ok(settings):
-    content = rendered(settings, ok("api.coachntt.ai"))
+    content = rendered(settings, certificate_for("api.coachntt.ai"))
     plan = site_step(settings).plan(
-        {"content": ok(content.rstrip("\n")), "meta": ok("644 root:root"), "certificates": ok("api.coachntt.ai")}
+        site_facts(certificate_for("api.coachntt.ai"), ok(content.rstrip("\n")), ok("644 root:root"))
     )
     assert plan.changes == ()
     assert plan.reason == f"{SITE_FILE} up to date"
@@ -179,7 +268,7 @@ def test_unchanged_site_is_ok(settings):
 def test_a_new_certificate_updates_an_unchanged_site_to_tls(settings):
     content = rendered(settings)
     plan = site_step(settings).plan(
-        {"content": ok(content.rstrip("\n")), "meta": ok("644 root:root"), "certificates": ok("api.coachntt.ai")}
+        site_facts(certificate_for("api.coachntt.ai"), ok(content.rstrip("\n")), ok("644 root:root"))
     )
     (change,) = plan.changes
     assert change.summary.startswith(f"update {SITE_FILE} ")

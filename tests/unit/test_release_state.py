@@ -10,14 +10,15 @@ from invoke.exceptions import Exit
 
 from fabfile import deploy as deploy_module
 from fabfile import rollback as rollback_module
+from fabfile.core import backups, templates
 from fabfile.core import task as task_module
-from fabfile.core import templates
 from fabfile.core.app import App
 from fabfile.core.batch import ProbeResult
 from fabfile.core.errors import UsageError
+from fabfile.core.slots import Slot
 from fabfile.core.state import Release, backup_undoing, current_release
 from fabfile.core.target import Result
-from fabfile.deploy import checkout_step, directories_step, env_file_step
+from fabfile.deploy_setup import checkout_step, directories_step, env_file_step
 from fabfile.rollback import choose_target, live_schema, schema_of
 
 A, B, C, D = ("a" * 40, "b" * 40, "c" * 40, "d" * 40)
@@ -237,7 +238,7 @@ def test_missing_checkout_is_cloned_as_the_deploy_user(app):
     assert change.summary == "clone https://github.com/example/coachntt.git into /opt/coachntt"
     assert change.command == (
         "install -d -o coachntt -g coachntt /opt/coachntt && "
-        "sudo -n -u coachntt git clone --quiet -- https://github.com/example/coachntt.git /opt/coachntt"
+        "sudo -n -u coachntt sh -c 'umask 022 && exec git clone --quiet -- https://github.com/example/coachntt.git /opt/coachntt'"
     )
 
 
@@ -250,13 +251,25 @@ def test_ready_directories_are_ok(app):
     assert directories_step(app).plan({"d0": ok("755 coachntt"), "d1": ok("700 coachntt")}).changes == ()
 
 
-def test_after_a_failed_rollback_the_rolled_back_code_counts_as_current():
+def test_a_failed_rollback_never_switched_so_the_release_before_it_still_counts_as_current():
     log = [
         Release("a" * 40, "deploy", "ok"),
         Release("b" * 40, "deploy", "ok"),
         Release("a" * 40, "rollback", "failed", previous="b" * 40),
     ]
+    assert current_release(log).sha == "b" * 40, "its slot failed the gate before nginx moved"
+
+
+def test_a_rollback_cut_off_counts_as_current_until_recover_says_otherwise():
+    log = [Release("a" * 40, "deploy", "ok"), Release("b" * 40, "deploy", "ok"),
+           Release("a" * 40, "rollback", "interrupted", previous="b" * 40)]
     assert current_release(log).sha == "a" * 40
+
+
+def test_recover_serving_the_other_release_records_it_as_current():
+    log = [Release("a" * 40, "deploy", "ok"), Release("b" * 40, "deploy", "interrupted", previous="a" * 40),
+           Release("b" * 40, "verify", "ok", previous="a" * 40, message="recover: aaaaaaaaaaaa could not be put back")]
+    assert current_release(log).sha == "b" * 40
 
 
 # --- hooks and the lock wait --------------------------------------------------------
@@ -330,10 +343,13 @@ def test_backup_and_restore_pass_database_settings_as_single_words(app, mocker, 
         "backup-db load": (0, f"restored={counts}\nmanifest={counts}\n", ""),
     })
     assert deploy_module.backup_before_migrate(host, app, "a" * 40, first_release=False).endswith("pre-aaaaaaaaaaaa.dump")
-    rollback_module.restore_database(host, app, "/backups/db_20261201_101010_pre-aaaaaaaaaaaa.dump", mocker.Mock())
+    backups.restore_in_place(host, app, "/backups/db_20261201_101010_pre-aaaaaaaaaaaa.dump", mocker.Mock(),
+                             api=Slot("b", 8002).service)
     # What the host's sh runs, split the way that sh splits it:
     sent = [shlex.split(shlex.split(c)[-1]) if c.startswith("sudo") else shlex.split(c) for c in host.sent]
     dump, load, swap = (next(words for words in sent if action in words) for action in ("dump", "load", "swap"))
     assert dump[dump.index("dump") + 1:][:5] == [HOSTILE, HOSTILE, HOSTILE, "/backups", "pre-aaaaaaaaaaaa"]
     assert load[load.index("load") + 1:][:4] == [HOSTILE, HOSTILE, "/backups", "db_20261201_101010_pre-aaaaaaaaaaaa.dump"]
     assert swap[swap.index("swap") + 1:][:3] == [HOSTILE, HOSTILE, HOSTILE]
+    stop, start = swap[-2:]
+    assert stop.endswith("stop api_b pgbouncer") and start.endswith("start api_b pgbouncer"), "the live slot, not both"

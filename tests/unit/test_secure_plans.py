@@ -71,7 +71,8 @@ def test_deploy_user_probes_its_groups_and_the_docker_group():
 
 def test_missing_user_is_created_then_added_to_every_group():
     plan = deploy_user_step("coachntt", GROUPS).plan({"groups": missing, "docker_group": ok("docker:x:999:")})
-    assert commands(plan) == ["useradd --create-home --shell /bin/bash coachntt", "usermod -aG sudo,docker coachntt"]
+    assert commands(plan) == ["useradd --create-home --user-group -K PASS_MAX_DAYS=-1 --shell /bin/bash coachntt",
+                              "usermod -aG sudo,docker coachntt"]
     assert summaries(plan) == ["create user coachntt", "add coachntt to sudo, docker"]
 
 

@@ -269,7 +269,7 @@ def test_the_defaults_and_the_sandbox_values_pass(defaults, tmp_path):
                   COACHNTT_APP__COMPOSE_OVERRIDES="/etc/coachntt-sandbox/compose.sandbox.yml",
                   COACHNTT_APP__HEALTH_DEADLINE="20",
                   COACHNTT_APP__HOOKS__PRE_DEPLOY="./scripts/check.sh && echo \"$COACHNTT_SHA\" > /tmp/x",
-                  COACHNTT_UPSTREAMS__API="no-such-upstream.invalid:8000",
+                  COACHNTT_UPSTREAMS__STAGING="no-such-upstream.invalid:8001",
                   COACHNTT_FIREWALL__ALLOW="22/tcp,80/tcp,443/tcp,60000:61000/udp,OpenSSH",
                   COACHNTT_AUTHORIZED_KEYS="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDvYJdaKkBzbdPPL1ztG3Te2yRAXX4LBpQp/bxLmuVdm me@laptop",
                   COACHNTT_FAIL2BAN__MAXRETRY="5", COACHNTT_FAIL2BAN__BANTIME="1h")

@@ -105,7 +105,8 @@ def test_remote_target_runs_through_the_connection_without_a_pty_or_stdin(no_con
     result = remote.run("uptime", timeout=5)
     remote.put_file("/tmp/a", "/etc/a")
     assert result == Result("uptime", "out", "", 0)
-    run.assert_called_once_with("uptime", hide=True, warn=True, in_stream=False, timeout=5)
+    # Every command starts with the tool's umask: what it creates has the modes it sets.
+    run.assert_called_once_with("umask 022; uptime", hide=True, warn=True, in_stream=False, timeout=5)
     put.assert_called_once_with("/tmp/a", "/etc/a")
     assert remote.round_trips == 2
 

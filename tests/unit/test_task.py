@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -16,11 +15,11 @@ from fabfile.core import redact
 from fabfile.core import task as task_module
 from fabfile.core.errors import ConfigError, ConnectError, LockHeldError, OpsError, UsageError
 from fabfile.core.settings import PROJECT_DIR
-from fabfile.core.task import COMMON_HELP, not_implemented, ops_task
+from fabfile.core.task import COMMON_HELP, ops_task
 
 # The venv's own fab and inv, found without the venv on PATH (CI runs with the system PATH).
 BIN = Path(sys.executable).parent
-NAMESPACES = ["secure", "deps", "nginx", "deploy", "ssl", "backup", "rollback", "monitor", "release"]
+NAMESPACES = ["secure", "deps", "nginx", "deploy", "ssl", "backup", "rollback", "monitor", "release", "maintenance"]
 
 
 @ops_task(help={"sha": "commit to deploy"})
@@ -189,69 +188,8 @@ def test_the_target_is_closed_even_when_the_task_fails(project_context, mocker, 
     close.assert_called_once()
 
 
-def test_not_implemented_placeholder_exits_2_naming_its_issue(project_context):
-    placeholder = not_implemented("backup.verify", "the backup issue")
-    with pytest.raises(Exit) as info:
-        placeholder(project_context)
-    assert info.value.code == 2
-    assert info.value.message == "error: backup.verify is not implemented yet; it arrives with the backup issue"
-    assert "not implemented yet" in placeholder.__doc__
-
-
-# --- through invoke's command line parser, in process -------------------------
-
-
-class ProjectConfig(invoke.Config):
-    """invoke's Config with the project's invoke.yaml as its defaults."""
-
-    @staticmethod
-    def global_defaults():
-        import yaml
-
-        defaults = invoke.Config.global_defaults()
-        defaults["coachntt"] = yaml.safe_load((PROJECT_DIR / "invoke.yaml").read_text())["coachntt"]
-        return copy.deepcopy(defaults)
-
-
-def run_cli(*argv, tasks):
-    program = invoke.Program(namespace=invoke.Collection(*tasks), config_class=ProjectConfig, version="test")
-    with pytest.raises(SystemExit) as info:
-        program.run(["inv", *argv])
-        raise SystemExit(0)
-    return info.value.code
-
-
-def test_cli_flags_reach_the_body(capsys):
-    @ops_task
-    def show(ops, sha="", retries=3):
-        print(f"sha={sha} retries={retries} dry={ops.dry} json={ops.json}")
-
-    assert run_cli("show", "--sha", "abc", "--retries", "5", "--dry", "--json", tasks=[show]) == 0
-    assert capsys.readouterr().out.strip() == "sha=abc retries=5 dry=True json=True"
-
-
-def test_cli_error_is_one_stderr_line_and_the_exit_code(capsys):
-    @ops_task
-    def refuse(ops):
-        raise UsageError("sha must be 7-40 hex digits", "got 'main'")
-
-    assert run_cli("refuse", tasks=[refuse]) == 2
-    err = capsys.readouterr().err
-    assert err == "error: sha must be 7-40 hex digits; got 'main'\n"
-
-
-# --- the real `fab` and `inv` in the project directory ------------------------
-
-
 def cli_env():
     return {k: v for k, v in os.environ.items() if not k.startswith("COACHNTT_")}
-
-
-def pending_task():
-    """A task of the real tree that is still a not_implemented placeholder, or None."""
-    from fabfile import ns
-
-    return next((name for name in ns.task_names if (ns[name].__doc__ or "").startswith("(not implemented yet")), None)
 
 
 @pytest.fixture(scope="module")
@@ -264,8 +202,6 @@ def cli():
         "unreachable": [fab, "-H", "nobody@127.0.0.1:1", "deps.check"],
         "missing key": [fab, "-H", "nobody@127.0.0.1:1", "-i", "/nonexistent", "deps.check"],
     }
-    if pending_task():
-        commands["pending"] = [inv, pending_task()]
     procs = {
         key: subprocess.Popen(argv, cwd=PROJECT_DIR, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for key, argv in commands.items()
@@ -305,15 +241,6 @@ def test_a_missing_key_file_is_named_with_exit_2_not_cannot_reach(cli):
     result = cli["missing key"]
     assert result.stderr == "error: key file /nonexistent does not exist; pass the private key with -i\n"
     assert result.returncode == 2
-
-
-def test_a_not_yet_implemented_task_exits_2(cli):
-    if "pending" not in cli:
-        pytest.skip("every task is implemented now; test_not_implemented_placeholder_exits_2_naming_its_issue covers the helper")
-    result = cli["pending"]
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("error: ") and "not implemented yet" in result.stderr
-    assert "Traceback" not in result.stderr
 
 
 def test_diff_flag_shows_file_content_changes_in_a_dry_run(project_context, mocker, capsys, fake_host):

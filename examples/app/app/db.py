@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import psycopg2
 import psycopg2.extras
 import psycopg2.pool
+
+from .metrics import QUERIES
 
 CONNECT_TIMEOUT = int(os.environ.get("DB_CONNECT_TIMEOUT", "3"))
 
@@ -33,6 +36,7 @@ class Database:
         pool = self._get_pool()
         conn = pool.getconn()
         broken = False
+        started = time.monotonic()
         try:
             with conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
                 cur.execute(sql, params)
@@ -45,6 +49,7 @@ class Database:
             broken = True
             raise
         finally:
+            QUERIES.observe(time.monotonic() - started)
             pool.putconn(conn, close=broken or conn.closed != 0)
 
     def close(self) -> None:

@@ -7,17 +7,21 @@ import collections
 import json
 import logging
 import os
+import time
+import weakref
 
 import psycopg2
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from .db import Database
+from .metrics import REQUESTS, exposition
 from .version import app_version, health_broken
 
 log = logging.getLogger("app")
 
 DB = web.AppKey("db", Database)
 COUNTERS = web.AppKey("counters", collections.Counter)
+SOCKETS = web.AppKey("sockets", weakref.WeakSet)
 MAX_NOTE_BYTES = 10_000
 
 
@@ -56,7 +60,7 @@ async def list_notes(request: web.Request) -> web.Response:
     except ValueError:
         raise web.HTTPBadRequest(text=json.dumps({"error": "limit must be an integer"}), content_type="application/json") from None
     rows = await in_thread(
-        request.app[DB].run, "SELECT id, body, created_at FROM notes ORDER BY id DESC LIMIT %s", (limit,)
+        request.app[DB].run, "SELECT id, text AS body, created_at FROM notes ORDER BY id DESC LIMIT %s", (limit,)
     )
     return web.json_response({"notes": [note_json(row) for row in rows]})
 
@@ -73,7 +77,7 @@ async def create_note(request: web.Request) -> web.Response:
         )
     row = await in_thread(
         request.app[DB].run,
-        "INSERT INTO notes (body) VALUES (%s) RETURNING id, body, created_at",
+        "INSERT INTO notes (text) VALUES (%s) RETURNING id, text AS body, created_at",
         (body,),
         fetch="one",
     )
@@ -86,7 +90,7 @@ async def get_note(request: web.Request) -> web.Response:
     except ValueError:
         return web.json_response({"error": "note id must be an integer"}, status=400)
     row = await in_thread(
-        request.app[DB].run, "SELECT id, body, created_at FROM notes WHERE id = %s", (note_id,), fetch="one"
+        request.app[DB].run, "SELECT id, text AS body, created_at FROM notes WHERE id = %s", (note_id,), fetch="one"
     )
     if row is None:
         return web.json_response({"error": f"no note {note_id}"}, status=404)
@@ -94,29 +98,43 @@ async def get_note(request: web.Request) -> web.Response:
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
-    ws = web.WebSocketResponse(heartbeat=30)
+    ws = web.WebSocketResponse(heartbeat=30, timeout=5)  # timeout: for the close handshake
     await ws.prepare(request)
-    await ws.send_json({"type": "hello", "version": app_version()})
-    async for msg in ws:
-        if msg.type == WSMsgType.TEXT:
-            await ws.send_str(msg.data)
-        elif msg.type == WSMsgType.BINARY:
-            await ws.send_bytes(msg.data)
-        elif msg.type == WSMsgType.ERROR:
-            log.warning("websocket closed with %s", ws.exception())
+    request.app[SOCKETS].add(ws)
+    try:
+        await ws.send_json({"type": "hello", "version": app_version()})
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await ws.send_str(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+            elif msg.type == WSMsgType.ERROR:
+                log.warning("websocket closed with %s", ws.exception())
+    finally:
+        request.app[SOCKETS].discard(ws)
     return ws
 
 
+async def going_away(app: web.Application) -> None:
+    """On SIGTERM (a slot being stopped after a cutover): every open websocket gets a
+    close frame with 1001 "going away", so clients reconnect (to the new release)
+    instead of seeing a reset. In-flight requests finish after this, within
+    run_app's shutdown_timeout."""
+    sockets = list(app[SOCKETS])
+    if sockets:
+        log.info("closing %d websocket(s): going away", len(sockets))
+    await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"going away") for ws in sockets),
+                         return_exceptions=True)
+
+
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format: request counts by status class."""
-    lines = ["# TYPE http_requests_total counter"]
-    for status, count in sorted(request.app[COUNTERS].items()):
-        lines.append(f'http_requests_total{{status="{status}"}} {count}')
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+    """Prometheus text format: request counts, request latency, database query time."""
+    return web.Response(text=exposition(request.app[COUNTERS]), content_type="text/plain")
 
 
 @web.middleware
 async def count_and_catch(request: web.Request, handler):
+    started = time.monotonic()
     try:
         response = await handler(request)
     except web.HTTPException as exc:
@@ -126,6 +144,9 @@ async def count_and_catch(request: web.Request, handler):
         log.error("database error on %s %s: %s", request.method, request.path, exc)
         request.app[COUNTERS]["5xx"] += 1
         return web.json_response({"error": "database unavailable"}, status=503)
+    finally:
+        if request.path not in ("/metrics", "/ws"):  # scrapes and long-lived sockets are not requests served
+            REQUESTS.observe(time.monotonic() - started)
     request.app[COUNTERS][f"{response.status // 100}xx"] += 1
     return response
 
@@ -135,6 +156,8 @@ def make_app(database_url: str | None = None) -> web.Application:
     app = web.Application(middlewares=[count_and_catch])
     app[DB] = Database(url)
     app[COUNTERS] = collections.Counter()
+    app[SOCKETS] = weakref.WeakSet()
+    app.on_shutdown.append(going_away)
 
     async def close_db(app: web.Application) -> None:
         await in_thread(app[DB].close)
