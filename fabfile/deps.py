@@ -35,7 +35,8 @@ def docker_step() -> Step:
         if docker.ok and compose.ok:
             return Plan.ok(f"keeping Docker {docker.stdout} with compose {compose.stdout}")
         missing = [name for name, probe in (("Docker Engine", docker), ("compose v2 plugin", compose)) if not probe.ok]
-        return Plan.change(Change(f"install {' and '.join(missing)} from the distribution", templates.script("install-docker.sh")))
+        install = f"{remote.APT_INSTALL} || exit $?\n" + templates.script("install-docker.sh")
+        return Plan.change(Change(f"install {' and '.join(missing)} from the distribution", install))
 
     return Step(
         "docker + compose",

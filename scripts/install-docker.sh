@@ -1,6 +1,7 @@
 #!/bin/sh
 # Install Docker Engine and the compose v2 plugin from the distribution's own
-# packages, keeping whatever already works. Runs on the server as root.
+# packages, keeping whatever already works. Runs on the server as root, after
+# apt-install.sh refreshed the package lists.
 #   Ubuntu 24.04: docker.io + docker-compose-v2
 #   Debian 13:    docker.io + docker-cli + docker-compose (the v2 plugin)
 set -eu
@@ -9,7 +10,6 @@ export DEBIAN_FRONTEND=noninteractive
 
 available() { apt-cache show --no-all-versions "$1" >/dev/null 2>&1; }
 
-$APT update >/dev/null
 want=""
 if ! docker version >/dev/null 2>&1; then
     want="docker.io"

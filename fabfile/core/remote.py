@@ -17,7 +17,8 @@ from . import templates
 from .steps import Change, Facts, Plan, Step
 
 BACKUP_DIR = "/var/backups/coachntt-ops"
-APT = "DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300"
+# Refresh the package lists (retried) and install: `{APT_INSTALL} pkg...`; no packages: refresh only.
+APT_INSTALL = f"sh -c {shlex.quote(templates.script('apt-install.sh'))} apt-install"
 # After `nginx -t`: a graceful reload that returns once the old workers stopped taking
 # connections (a bare `systemctl reload` returns before that); nginx down: a start.
 RELOAD_NGINX = f"sh -c {shlex.quote(templates.script('reload-nginx.sh'))} reload-nginx"
@@ -178,7 +179,7 @@ def packages_step(name: str, packages: Iterable[str]) -> Step:
         return Plan.change(
             Change(
                 f"apt install {' '.join(missing)}",
-                f"{APT} update && {APT} install --no-install-recommends {' '.join(q(p) for p in missing)}",
+                f"{APT_INSTALL} {' '.join(q(p) for p in missing)}",
             )
         )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fabfile.core import templates
+from fabfile.core import remote, templates
 from fabfile.core.batch import ProbeResult
 from fabfile.deps import VERSION_PROBES, docker_step
 
@@ -27,7 +27,7 @@ def test_missing_docker_runs_the_install_script():
     plan = docker_step().plan({"docker": missing, "compose": missing})
     (change,) = plan.changes
     assert change.summary == "install Docker Engine and compose v2 plugin from the distribution"
-    assert change.command == templates.script("install-docker.sh")
+    assert change.command == f"{remote.APT_INSTALL} || exit $?\n" + templates.script("install-docker.sh")
 
 
 def test_missing_compose_alone_names_only_compose():
@@ -35,7 +35,7 @@ def test_missing_compose_alone_names_only_compose():
     (change,) = plan.changes
     assert change.summary == "install compose v2 plugin from the distribution"
     assert "Docker Engine" not in change.summary
-    assert change.command == templates.script("install-docker.sh")
+    assert change.command == f"{remote.APT_INSTALL} || exit $?\n" + templates.script("install-docker.sh")
 
 
 def test_a_daemon_that_does_not_answer_counts_as_missing_docker():
