@@ -6,12 +6,24 @@ Runbook (`fab -H coachntt@HOST deps`):
                          (the provider's image may have it); otherwise the
                          distribution's docker.io and compose v2 plugin
     3. Docker running    enabled at boot
+    4. Docker daemon     /etc/docker/daemon.json gets configs/docker/daemon.json's keys
+                         (no-new-privileges, log rotation, live-restore, userland-proxy
+                         off, no inter-container traffic on the default bridge), keeping
+                         the file's other keys; when it changed, Docker is restarted
+                         under the deploy lock (never during a release) with its
+                         containers kept running. `docker.daemon_hardening: false`
+                         leaves the file alone.
+    5. nginx running     enabled at boot
 `deps.check` prints the version of each (one round trip).
 """
 
+import base64
+import json
+import secrets
+
 from invoke import Collection
 
-from .core import remote, templates
+from .core import lock, remote, templates
 from .core.batch import gather
 from .core.errors import OpsError
 from .core.fleet import CHANGES, READS
@@ -27,6 +39,55 @@ VERSION_PROBES = {
     "compose": "docker compose version --short 2>&1",
     "curl": "curl --version | head -n 1",
 }
+
+
+DAEMON_JSON = "/etc/docker/daemon.json"
+DAEMON_SCRIPT = f"sh -c {remote.q(templates.script('docker-daemon.sh'))} docker-daemon"
+
+
+def hardened_daemon_config() -> dict:
+    return json.loads(templates.render("docker/daemon.json"))
+
+
+def daemon_step(state_dir: str, *, enabled: bool = True) -> Step:
+    """daemon.json with our keys merged in; the restart holds the deploy lock when an app is set up."""
+
+    def plan(facts: Facts) -> Plan:
+        if not enabled:
+            return Plan.skipped("docker.daemon_hardening is off")
+        found = facts["daemon"]
+        try:
+            current = json.loads(found.stdout) if found.ok and found.stdout.strip() else {}
+            if not isinstance(current, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise OpsError(f"{DAEMON_JSON} on the host is not a JSON object Docker can read ({exc})",
+                           "fix or remove it (Docker will not start with it either), then rerun deps; "
+                           "nothing was changed") from None
+        ours = hardened_daemon_config()
+        wanted = {**current, **ours, "log-opts": {**current.get("log-opts", {}), **ours["log-opts"]}}
+        if wanted == current:
+            return Plan.ok("no-new-privileges, log rotation, live-restore, userland-proxy off, icc off")
+        changed = sorted(key for key in wanted if wanted[key] != current.get(key))
+        return Plan.change(Change(f"daemon.json: {', '.join(changed)}; restart Docker, containers kept running",
+                                  locked_restart(state_dir, json.dumps(wanted, indent=2, sort_keys=True) + "\n")))
+
+    return Step("docker daemon", probes={"daemon": f"cat {DAEMON_JSON} 2>/dev/null || true"}, plan=plan)
+
+
+def locked_restart(state_dir: str, content: str) -> str:
+    """Hold the deploy lock (when the app's state directory exists) while Docker restarts."""
+    token, where = secrets.token_hex(8), remote.q(state_dir)
+    payload = base64.b64encode(content.encode()).decode()
+    return "\n".join([
+        f"unlock() {{ {lock.LOCK_SCRIPT} release {where} {token} >/dev/null; }}",
+        f"if [ -d {where} ]; then",
+        f"  {lock.LOCK_SCRIPT} acquire {where} {token} deps - {remote.q('deps: restart Docker for daemon.json')} >/dev/null || "
+        "{ echo 'a release holds the deploy lock: rerun deps when it is done (deploy.status shows it); nothing changed' >&2; exit 4; }",
+        "  trap unlock EXIT",
+        "fi",
+        f"{DAEMON_SCRIPT} {payload}",
+    ])
 
 
 def docker_step() -> Step:
@@ -52,6 +113,7 @@ def install(ops):
         remote.packages_step("web packages", WEB_PACKAGES),
         docker_step(),
         remote.service_step("docker running", "docker"),
+        daemon_step(ops.settings.require("state_dir"), enabled=ops.settings.get("docker.daemon_hardening", True)),
         remote.service_step("nginx running", "nginx"),
     ])
 

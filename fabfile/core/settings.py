@@ -335,6 +335,7 @@ RULES: dict[str, Rule] = {
     "domains.*": _DOMAIN,
     "upstreams.*": _UPSTREAM,
     "staging.enabled": Rule("true or false", lambda v: isinstance(v, bool)),
+    "docker.daemon_hardening": Rule("true or false", lambda v: isinstance(v, bool)),
     "staging.dir": Rule("an absolute path below / (letters, digits, . _ - /)", _absolute_dir),
     "staging.project": Rule("a compose project name (a-z, 0-9, _ -; starting with a letter or digit)",
                             _matches(r"[a-z0-9][a-z0-9_-]{0,62}")),

@@ -162,7 +162,7 @@ PYTHON_BASE = ImageFamily(
     ),
     images=(
         ImageConfig(
-            tag="coachntt/python-base:latest",
+            tag="coachntt/python-base:3.13-trixie",
             user="app",
             cmd=("python3",),
             env=("PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1"),
@@ -195,7 +195,7 @@ POSTGRES = ImageFamily(
     ),
     images=(
         ImageConfig(
-            tag="coachntt/postgres:latest",
+            tag="coachntt/postgres:17-trixie",
             user="postgres",
             entrypoint=("/usr/local/bin/postgres-entrypoint",),
             env=("PGDATA=/var/lib/postgresql/data",),
@@ -204,7 +204,7 @@ POSTGRES = ImageFamily(
             volumes=("/var/lib/postgresql/data",),
         ),
         ImageConfig(
-            tag="coachntt/pgbouncer:latest",
+            tag="coachntt/pgbouncer:1.24-trixie",
             user="postgres",
             entrypoint=("/usr/local/bin/pgbouncer-entrypoint",),
             workdir="/tmp",

@@ -104,7 +104,7 @@ def test_image_recipes_are_keyed_and_non_root():
         for image in family.images:
             assert image.user not in ("", "root", "0"), f"{image.tag} would run as root"
     assert {image.tag for family in images.FAMILIES for image in family.images} == {
-        "coachntt/python-base:latest", "coachntt/postgres:latest", "coachntt/pgbouncer:latest"}
+        "coachntt/python-base:3.13-trixie", "coachntt/postgres:17-trixie", "coachntt/pgbouncer:1.24-trixie"}
 
 
 def test_docker_archive_is_docker_load_format(tmp_path):

@@ -1,8 +1,13 @@
-"""deps on real sandbox hosts: packages really installed through apt, Docker kept when it works."""
+"""deps on real sandbox hosts: packages really installed through apt, Docker kept when it works,
+the Docker daemon hardened without stopping what runs."""
 
 from __future__ import annotations
 
-from opsrun import console, fab, json_lines
+import json
+
+from fabfile.core import lock
+from fabfile.sandbox import images
+from opsrun import console, fab, json_lines, one_line
 
 
 def test_deps_installs_nginx_certbot_and_docker_compose_on_a_fresh_host(vps_factory):
@@ -32,3 +37,66 @@ def test_deps_keeps_a_working_preinstalled_docker(vps_factory):
     docker = next(r for r in json_lines(result.stdout) if r.get("step") == "docker + compose")
     assert docker["status"] == "ok" and "keeping Docker" in docker["reason"], docker
     assert console(host, "dpkg-query -W -f='${Version}' docker.io; stat -c %Y /usr/bin/dockerd")[1] == before
+
+
+STATE_DIR = "/var/lib/coachntt-ops"
+PROBE = "docker run -d --name probe --restart=no -p 127.0.0.1:8099:8000 coachntt/python-base:3.13-trixie " \
+        "python3 -m http.server 8000"
+
+
+def docker_facts(host) -> dict[str, str]:
+    """dockerd's pid, whether it live-restores, and the probe container's start time and answer."""
+    code, out = console(host, "systemctl show -p MainPID --value docker; "
+                              "docker info --format '{{.LiveRestoreEnabled}} {{json .SecurityOptions}}'; "
+                              "docker inspect -f '{{.Id}} {{.State.StartedAt}}' probe; "
+                              "curl -s -o /dev/null -w '%{http_code}' -m 5 http://127.0.0.1:8099/")
+    assert code == 0, out
+    pid, info, started, answer = out.strip().splitlines()
+    return {"pid": pid, "info": info, "probe": started, "answer": answer}
+
+
+def test_deps_hardens_the_docker_daemon_keeping_containers_up_and_never_during_a_release(vps_factory):
+    host = vps_factory(flavour="provisioned")
+    images.load_images(host, families=(images.PYTHON_BASE,))
+    code, out = console(host, f"{PROBE} && for i in $(seq 50); do curl -sf -o /dev/null http://127.0.0.1:8099/ && break; "
+                              "sleep 0.2; done")
+    assert code == 0, out
+    before = docker_facts(host)
+    assert before["answer"] == "200" and before["info"].startswith("false"), before
+
+    # A release holds the deploy lock: deps refuses the restart, nothing changes.
+    held = f"{lock.LOCK_SCRIPT} acquire {STATE_DIR} test-token release-under-test abc123 'a release'"
+    assert console(host, held)[0] == 0
+    refused = fab(host, "deps")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "a release holds the deploy lock: rerun deps when it is done" in one_line(refused)
+    assert console(host, "test -e /etc/docker/daemon.json")[0] != 0, "nothing written"
+    assert docker_facts(host) == before
+    assert console(host, f"{lock.LOCK_SCRIPT} release {STATE_DIR} test-token")[0] == 0
+
+    result = fab(host, "deps", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    step = next(r for r in json_lines(result.stdout) if r.get("step") == "docker daemon")
+    assert step["status"] == "changed", step
+    after = docker_facts(host)
+    assert after["pid"] != before["pid"], "dockerd restarted with the new daemon.json"
+    assert after["info"].startswith("true") and "no-new-privileges" in after["info"], after
+    assert after["probe"] == before["probe"], "live-restore: the container ran on through the restart"
+    assert after["answer"] == "200", "its published port still answers (userland-proxy off)"
+    assert console(host, f"test -d {STATE_DIR}/deploy.lock")[0] != 0, "the lock deps took is free again"
+
+    # A container started now gets the daemon's defaults.
+    code, out = console(host, "docker run --rm coachntt/python-base:3.13-trixie grep NoNewPrivs /proc/self/status && "
+                              "docker run -d --name fresh coachntt/python-base:3.13-trixie sleep 60 >/dev/null && "
+                              "docker inspect -f '{{json .HostConfig.LogConfig}}' fresh && docker rm -f fresh >/dev/null && "
+                              "docker network inspect bridge -f '{{index .Options \"com.docker.network.bridge.enable_icc\"}}'")
+    assert code == 0, out
+    nnp, log_config, icc = out.strip().splitlines()
+    assert nnp.split() == ["NoNewPrivs:", "1"], out
+    assert json.loads(log_config) == {"Type": "json-file", "Config": {"max-file": "3", "max-size": "10m"}}, out
+    assert icc == "false", out
+
+    again = fab(host, "deps", "--json")
+    steps = [r for r in json_lines(again.stdout) if "step" in r]
+    assert again.returncode == 0 and all(r["status"] == "ok" for r in steps), again.stdout
+    assert docker_facts(host)["pid"] == after["pid"], "no change, no restart"
