@@ -215,10 +215,10 @@ def restore(ops, name=None, yes=False, break_lock=False, lock_wait=0):
                 raise
             entry.result, entry.finished, entry.phase = state.RESULT_FAILED, state.now(), entry.phase or held.phase
             entry.message = f"backup.restore {name}: {exc.one_line()}"
-            state.append(ops.target, app.state_dir, entry)
+            held.log(entry)
             raise
         entry.result, entry.finished = state.RESULT_OK, state.now()
-        state.append(ops.target, app.state_dir, entry)
+        held.log(entry)
 
 
 def swap_in(ops, app: App, held: lock.HeldLock, entry: state.Release, name: str, log: list[state.Release], live: slots.Slot) -> None:

@@ -25,8 +25,9 @@ Runbook (`fab -H coachntt@HOST deploy --sha <sha>`):
     on failure after 2:     automatic rollback: nothing switched to the failed slot, it
                             stops; the checkout and the slot of the last good release
                             are put back (started again after a breaking stop)
-    always:                 a release log entry with its phase and slot; the lock released
     after success:          optional post_deploy hook
+    always:                 a release log entry with its phase and slot, written by the
+                            command that frees the lock (one round trip, core/lock.py)
     cut off (Ctrl-C, lost   every phase runs on the server where the client cannot
     connection, SIGTERM):   cut it; one Ctrl-C lets it finish and puts back what served
                             before, anything harsher leaves the lock held for
@@ -178,7 +179,7 @@ def check_live_release(ops, app: App, held: lock.HeldLock, release: state.Releas
         gate = slots.gate(held, app, slot)
         release.result, release.finished = (state.RESULT_OK if gate.passed else state.RESULT_FAILED), state.now()
         release.phase = "" if gate.passed else "health gate"
-        state.append(ops.target, app.state_dir, release)
+        held.log(release)
         if not gate.passed:
             report_failed_gate(ops.reporter, gate)
             raise OpsError(f"{release.sha[:12]} is live but unhealthy", "see the responses above; `rollback` to the previous good release")
@@ -228,7 +229,7 @@ def ship(ops, app: App, held: lock.HeldLock, release: state.Release, host: HostS
             raise
         roll_back_after_failure(ops, app, held, release, state.good_releases(host.log), exc)
     release.result, release.finished = state.RESULT_OK, state.now()
-    state.append(ops.target, app.state_dir, release)
+    held.log(release)
     ops.reporter.info(f"  live: {sha[:12]} in {outcome.slot} (schema {release.schema or '?'}, backup {release.backup or 'none'})")
     if outcome.drained:
         ops.reporter.info(f"  old slot: {outcome.drained}")
@@ -249,10 +250,10 @@ def roll_back_after_failure(ops, app: App, held: lock.HeldLock, release: state.R
     fallback = next((sha for sha in good if sha != release.sha), "")
     what = f"release {release.sha[:12]} failed during {failed_in}: {exc.what}"
     if failed_in in PHASES_BEFORE_CHANGE:
-        state.append(ops.target, app.state_dir, release)
+        held.log(release)
         raise OpsError(what, f"{exc.hint + '; ' if exc.hint else ''}nothing changed, the running release serves on") from None
     if not fallback:
-        state.append(ops.target, app.state_dir, release)
+        held.log(release)
         raise OpsError(what, "no earlier good release to roll back to; fix and deploy again") from None
     try:
         with phase(ops, held, f"automatic rollback to {fallback[:12]}"):
@@ -265,11 +266,11 @@ def roll_back_after_failure(ops, app: App, held: lock.HeldLock, release: state.R
         if rollback_exc.keeps_lock:
             raise
         release.message = f"{why}; the rollback to {fallback[:12]} failed too: {rollback_exc.one_line()}"
-        state.append(ops.target, app.state_dir, release)
+        held.log(release)
         raise OpsError(f"{what}; the rollback to {fallback[:12]} failed too ({rollback_exc.what})",
                        f"check `deploy.status`; then `rollback --to {fallback[:12]}`") from None
     release.rolled_back_to = fallback if outcome.gate.passed else ""
-    state.append(ops.target, app.state_dir, release)
+    held.log(release)
     if outcome.gate.passed:
         raise OpsError(what, f"rolled back to {fallback[:12]}, which is healthy in {outcome.slot}"
                              + ("" if outcome.switched else " (nginx never left it)")) from None
@@ -301,7 +302,7 @@ def recover(ops, wait=600):
         info = held.wait_for_phase(int(wait))
         if info.job == "running":
             raise LockHeldError(f"'{info.phase}' still runs under the deploy lock", "wait for it, then run `deploy.recover` again")
-    healthy, outcome = settle(ops.target, ops.reporter, app, held, info)
+    healthy, outcome = settle(ops.reporter, app, held, info)
     ops.reporter.info(f"  recovered: {outcome}")
     if not healthy:
         raise OpsError(f"recovered the lock, but {outcome}")

@@ -140,12 +140,12 @@ def patch(ops, force=False, lock_wait=0):
                 raise
             entry.result, entry.finished, entry.phase = state.RESULT_FAILED, state.now(), held.phase
             entry.message = f"maintenance.patch: {exc.one_line()}"
-            state.append(ops.target, app.state_dir, entry)
+            held.log(entry)
             raise
         summary = f"{len(outcome.packages)} package(s) upgraded{rebooted}"
         if entry is not None:
             entry.result, entry.finished, entry.message = state.RESULT_OK, state.now(), f"maintenance.patch: {summary}"
-            state.append(ops.target, app.state_dir, entry)
+            held.log(entry)
     ops.reporter.info(f"  patched: {summary}")
     if outcome.reboot_for is not None and not isinstance(ops.target, RemoteTarget):
         raise OpsError(f"the host asks for a reboot ({asked_by(outcome.reboot_for)}), which a run on the host itself "

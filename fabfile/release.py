@@ -330,7 +330,7 @@ class Run:
     # -- the end
 
     def finish(self, result: str, phase: str = "", why: str = "") -> None:
-        """The one log entry of this release, then the summary."""
+        """The one log entry of this release (written by the command that frees the lock), then the summary."""
         entry = self.entry
         entry.result, entry.finished, entry.phase = result, state.now(), phase
         if why:
@@ -341,7 +341,7 @@ class Run:
             after = entry.rolled_back_to or self.before
         shown = [*self.results, *checklist.not_run(self.results, f"not run: {phase} failed")] if phase else self.results
         entry.extra = checklist.log_phases(shown)
-        state.append(self.ops.target, self.app.state_dir, entry)
+        self.held.log(entry)
         if result == state.RESULT_OK:
             words = "verified" if entry.kind == "verify" else "ok"
         else:

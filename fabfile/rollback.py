@@ -108,13 +108,13 @@ def rollback(ops, to="", with_db=False, yes=False, break_lock=False, lock_wait=0
             if exc.keeps_lock:  # cut off: recover finishes it
                 raise
             entry.result, entry.finished, entry.phase, entry.message = state.RESULT_FAILED, state.now(), held.phase, exc.one_line()
-            state.append(ops.target, app.state_dir, entry)
+            held.log(entry)
             # Nothing was switched: the checkout goes back to what serves (a failure here changes nothing more).
             held.run(app.in_dir(f"{CODE_UMASK} && git checkout --quiet --force --detach {shlex.quote(current.sha)}"), user=app.owner,
                      check=False, timeout=300)
             raise
         entry.result, entry.finished = state.RESULT_OK, state.now()
-        state.append(ops.target, app.state_dir, entry)
+        held.log(entry)
         ops.reporter.info(f"  live: {target_sha[:12]} in {outcome.slot}" + (f"; old slot: {outcome.drained}" if outcome.drained else ""))
         if outcome.warning:
             ops.reporter.info(f"  warning: {outcome.warning}")

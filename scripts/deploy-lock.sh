@@ -11,7 +11,8 @@
 # the release log when it ends; the lock stays held for `deploy.recover`.
 #
 #   deploy-lock.sh acquire STATE_DIR TOKEN WHO SHA MESSAGE   exit 4 + holder info if held
-#   deploy-lock.sh release STATE_DIR TOKEN                   exit 5 if the lock is not (any more) ours
+#   deploy-lock.sh finish  STATE_DIR TOKEN ENTRY             append ENTRY (if any) to the log and free the lock,
+#                                     as one step; exit 5, nothing written, if the lock is not (any more) ours
 #   deploy-lock.sh status  STATE_DIR                         holder + phase info, exit 1 if free
 #   deploy-lock.sh break   STATE_DIR                         exit 4 while a phase still runs under it
 #   deploy-lock.sh run     STATE_DIR PHASE TIMEOUT ENTRY COMMAND
@@ -19,8 +20,10 @@
 #   deploy-lock.sh wait    STATE_DIR SECONDS                 wait for the running phase; prints "finished PHASE STATUS"
 #   deploy-lock.sh abandon STATE_DIR ENTRY                   the client leaves: record ENTRY now or when the phase ends
 #
-# ENTRY is the release-log line to append if the client is gone, with
-# @FINISHED@ and @STATUS@ filled in here.
+# ENTRY (run, abandon) is the release-log line to append if the client is gone,
+# with @FINISHED@ and @STATUS@ filled in here. Once the release has its final
+# entry (ok or failed), that entry is ENTRY: a release logged as finished is
+# never undone by `deploy.recover`. finish's ENTRY is the final entry itself.
 set -u
 trap '' PIPE
 action=$1 state_dir=$2
@@ -79,13 +82,17 @@ acquire)
     status
     exit 4
     ;;
-release)
-    [ -d "$lock" ] || exit 0
-    if ! grep -qx "token=$3" "$lock/info" 2>/dev/null; then
+finish)
+    entry=${4:-}
+    # Once begun it runs to its end: a client that goes away now cannot leave
+    # the release logged with the lock still held (deploy.recover would undo it).
+    trap '' HUP INT TERM
+    if [ -d "$lock" ] && ! grep -qx "token=$3" "$lock/info" 2>/dev/null; then
         echo "the deploy lock is no longer ours:" >&2
         status >&2
         exit 5
     fi
+    [ -z "$entry" ] || printf '%s\n' "$entry" >> "$log" || exit 1
     rm -rf "$lock"
     ;;
 status)
@@ -152,10 +159,12 @@ abandon)
     [ -d "$lock" ] || exit 0
     : > "$lock/client-left"
     running && exit 0  # the phase records the release when it ends
+    # What was recorded is what deploy.recover reads: a final entry says the release had finished.
+    [ -z "$entry" ] || printf '%s\n' "$entry" > "$lock/release.json"
     record "$entry" "$(cat "$lock/job.status" 2>/dev/null || echo -)"
     ;;
 *)
-    echo "usage: deploy-lock.sh acquire|release|status|break|run|wait|abandon STATE_DIR ..." >&2
+    echo "usage: deploy-lock.sh acquire|finish|status|break|run|wait|abandon STATE_DIR ..." >&2
     exit 2
     ;;
 esac

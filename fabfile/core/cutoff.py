@@ -8,7 +8,8 @@ left behind is settled.
                    back what served before, through a cutover, log it, free the
                    lock. A release that had started breaking migrations gets
                    its database back first, from the backup it took: the code
-                   before cannot run on the new schema.
+                   before cannot run on the new schema. A release that had its
+                   final entry (it finished) is only logged, lock freed.
 
 `deploy.recover`, an interrupted `deploy`/`release`/`rollback` and `maintenance.patch`
 all end here.
@@ -25,7 +26,6 @@ from dataclasses import replace
 from . import backups, lock, slots, state
 from .app import App, checkout, report_failed_gate
 from .errors import Interrupted, LeftRunning, OpsError, Stop, from_connection_failure
-from .target import Target
 
 
 @contextmanager
@@ -62,9 +62,15 @@ def phase(ops, held: lock.HeldLock, name: str, reason: str = "") -> Iterator[Non
 
 def stop_cleanly(ops, app: App, held: lock.HeldLock, stop: KeyboardInterrupt) -> None:
     phase = held.phase
+    if held.final:  # the release had finished: log it, free the lock; nothing to put back
+        try:
+            _, outcome = settle(ops.reporter, app, held, held.wait_for_phase(60))
+        except (KeyboardInterrupt, Exception):
+            leave_now(ops, held, phase)
+        raise Interrupted(f"interrupted during {phase}; {outcome}") from None
     if held.release is None:  # nothing has changed yet: let a running read end, free the lock
         try:
-            settle(ops.target, ops.reporter, app, held, held.wait_for_phase(60))
+            settle(ops.reporter, app, held, held.wait_for_phase(60))
         except (KeyboardInterrupt, Exception):
             leave_now(ops, held, phase)
         raise Interrupted(f"interrupted during {phase}, before anything changed", "rerun when ready") from None
@@ -73,7 +79,7 @@ def stop_cleanly(ops, app: App, held: lock.HeldLock, stop: KeyboardInterrupt) ->
                           "(Ctrl-C again to leave now)")
         try:
             info = held.wait_for_phase(3600)
-            _, outcome = settle(ops.target, ops.reporter, app, held, info)
+            _, outcome = settle(ops.reporter, app, held, info)
         except KeyboardInterrupt:
             pass
         else:
@@ -95,7 +101,7 @@ def leave_now(ops, held: lock.HeldLock, phase: str) -> None:
     raise LeftRunning(f"interrupted during {phase}: it goes on on the server under the deploy lock", hint) from None
 
 
-def settle(target: Target, reporter, app: App, held: lock.HeldLock, info: lock.LockInfo) -> tuple[bool, str]:
+def settle(reporter, app: App, held: lock.HeldLock, info: lock.LockInfo) -> tuple[bool, str]:
     """After a cut-off release (its phase has ended): put back a release that
     serves — the one before a deploy, the target of a rollback — through a
     cutover (core/slots.py), log what happened, free the lock. When that one
@@ -103,6 +109,8 @@ def settle(target: Target, reporter, app: App, held: lock.HeldLock, info: lock.L
     its own: nginx ends up on a healthy slot whenever there is one, and the
     maintenance page is off. Returns (healthy, what it did in words)."""
     release, phase = held.release, info.phase or held.phase
+    if held.final or info.finished:
+        return log_finished(held, info)
     if release is None:
         held.release_lock()
         return True, "nothing had changed"
@@ -131,9 +139,9 @@ def settle(target: Target, reporter, app: App, held: lock.HeldLock, info: lock.L
                               finished=state.now(), result=state.RESULT_OK if served == goal else state.RESULT_FAILED,
                               message=f"recover: put back after {release.sha[:12]} was interrupted during {phase}")
     if goal or not info.recorded:
-        state.append(target, app.state_dir, entry)
+        held.log(entry)
     if served and served != goal:
-        state.append(target, app.state_dir, state.Release(
+        held.log(state.Release(
             sha=served, kind="verify", result=state.RESULT_OK, previous=goal, who=state.operator(), started=entry.finished,
             finished=state.now(), message=f"recover: {goal[:12]} could not be put back, {served[:12]} serves"))
     held.release_lock()
@@ -145,6 +153,18 @@ def settle(target: Target, reporter, app: App, held: lock.HeldLock, info: lock.L
         return True, f"{goal[:12]} could not be put back; {served[:12]} serves and is healthy"
     return False, (f"{goal[:12]} did not pass its health gate{' (nor ' + fallback[:12] + ')' if fallback else ''}: "
                    "check `deploy.status` and the api logs now")
+
+
+def log_finished(held: lock.HeldLock, info: lock.LockInfo) -> tuple[bool, str]:
+    """A release that had its final entry before it was cut off: that entry in the
+    log (once: a phase whose client was gone may have recorded it) and the lock
+    freed, in one command. Nothing is undone: the release had finished."""
+    entries = held.final or [info.release]
+    held.final = [] if info.recorded else entries
+    held.release_lock()
+    entry = entries[0]
+    # Its own run said how it ended (and put back what served if it failed): recover has nothing to add.
+    return True, f"{entry.sha[:12]} had finished ({entry.result}) and is logged: nothing to put back"
 
 
 def database_back(held: lock.HeldLock, reporter, app: App, release: state.Release) -> bool:

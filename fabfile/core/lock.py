@@ -11,6 +11,12 @@ the phase runs in its own session on the server, so Ctrl-C, a killed CI job or
 a cut connection never stops a migration halfway. The lock is released only by
 the run that holds it (its token) and only when no phase still runs; a run that
 is cut off leaves the lock held with its phase, for `deploy.recover`.
+
+A release ends in one command (deploy-lock.sh finish): its log entry appended
+and the lock freed together, so a client that dies never leaves a finished
+release logged under a held lock. Until then the entry waits on the client
+(HeldLock.log), and any phase run after it records that entry, not an
+interruption, if the client is gone: `deploy.recover` then only frees the lock.
 """
 
 from __future__ import annotations
@@ -66,6 +72,11 @@ class LockInfo:
             release=inflight[0] if inflight else None,
         )
 
+    @property
+    def finished(self) -> bool:
+        """The release under the lock had its final entry (ok or failed): nothing to undo."""
+        return self.release is not None and self.release.result in (state.RESULT_OK, state.RESULT_FAILED)
+
     def describe(self) -> str:
         work = {"running": f", phase '{self.phase}' still running", "finished": f", stopped after phase '{self.phase}'"}
         return f"{self.holder} since {self.since} (sha {self.sha[:12] or '?'}{work.get(self.job, '')})"
@@ -86,9 +97,17 @@ class HeldLock(Target):
         self.label, self.login_user, self.is_root = target.label, target.login_user, target.is_root
         self.phase = "start"
         self.release: state.Release | None = None
+        self.final: list[state.Release] = []  # written as the lock is freed (release_lock)
+
+    def log(self, entry: state.Release) -> None:
+        """The release's final log entry: appended by the same command that frees the lock."""
+        self.final.append(entry)
 
     def interrupted_entry(self, status: str = "@STATUS@") -> str:
-        """The log line for this release if it is cut off in the current phase."""
+        """The log line(s) for this release if it is cut off in the current phase: its
+        final entry once it has one (the release had finished), else an interruption."""
+        if self.final:
+            return "\n".join(entry.to_json() for entry in self.final)
         if self.release is None:
             return ""
         return replace(
@@ -133,13 +152,22 @@ class HeldLock(Target):
                         check=False, timeout=15)
 
     def release_lock(self) -> None:
-        result = self.target.run(f"{LOCK_SCRIPT} release {shlex.quote(self.state_dir)} {shlex.quote(self.token)}",
-                                 check=False, timeout=30)
+        """Free the lock, appending the final entry (if any) in the same command."""
+        result = self.target.run(finish_command(self.state_dir, self.token, self.final), check=False, timeout=30)
         if result.exit_status == 5:
+            entry = self.final[0] if self.final else None
+            unlogged = f"; {entry.sha[:12]}'s {entry.result} entry was not written to the release log" if entry else ""
             raise LockHeldError(f"the deploy lock was taken from this run: {LockInfo.parse(result.stderr).describe()}",
-                                "someone broke it while this release ran; check `deploy.status` and `deploy.history`")
+                                f"someone broke it while this release ran; check `deploy.status` and `deploy.history`{unlogged}")
         if not result.ok:
             raise command_failed(result, self.label, what="releasing the deploy lock")
+        self.final = []
+
+
+def finish_command(state_dir: str, token: str, entries: list[state.Release]) -> str:
+    """One command: the entries appended to the release log and the lock freed, if the lock is ours."""
+    lines = "\n".join(entry.to_json() for entry in entries)
+    return f"{LOCK_SCRIPT} finish {shlex.quote(state_dir)} {shlex.quote(token)} {shlex.quote(lines)}"
 
 
 @contextmanager

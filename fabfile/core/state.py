@@ -18,8 +18,6 @@ import socket
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from .target import Target
-
 RESULT_OK = "ok"
 RESULT_FAILED = "failed"
 RESULT_INTERRUPTED = "interrupted"  # cut off (Ctrl-C, lost client); `phase` says where
@@ -192,7 +190,3 @@ def current_release(log: list[Release]) -> Release | None:
         if release.rolled_back_to:
             return Release(sha=release.rolled_back_to, kind="rollback", result=RESULT_OK)
     return None
-
-
-def append(target: Target, state_dir: str, release: Release) -> None:
-    target.run(f"printf '%s\\n' {shlex.quote(release.to_json())} >> {shlex.quote(log_path(state_dir))}", timeout=30)

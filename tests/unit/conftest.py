@@ -17,6 +17,8 @@ from fabfile.core.settings import PROJECT_DIR, Settings
 from fabfile.core.target import TOOL_UMASK, Result, Target
 
 INVOKE_YAML = PROJECT_DIR / "invoke.yaml"
+# The one command that appends a release's entries to its log and frees the lock (core/lock.py).
+LOG_APPEND = "deploy-lock finish "
 
 
 @pytest.fixture(autouse=True)
@@ -106,10 +108,10 @@ class FakeHost(Target):
                 stdout, status = self.facts[command_text]
                 out += f"{probe['marker']} begin {probe['name']}\n{stdout}\n{probe['marker']} end {probe['name']} {status}\n"
             return Result(command, out, "", 0)
-        appending_to_log = command.startswith("printf '%s\\n' ") and command.rstrip().endswith("releases.jsonl")
+        appending_to_log = LOG_APPEND in command
         for needle, (status, stdout, stderr) in self.replies.items():
-            # A logged failure quotes the failed command: only a reply aimed at the log fails the append.
-            if needle in command and (not appending_to_log or "releases.jsonl" in needle):
+            # A logged failure quotes the failed command: only a reply aimed at the lock's finish fails it.
+            if needle in command and (not appending_to_log or LOG_APPEND in needle):
                 return Result(command, stdout, stderr, status)
         return Result(command, "", "", 0)
 
@@ -121,6 +123,19 @@ class FakeHost(Target):
 @pytest.fixture
 def fake_host():
     return FakeHost
+
+
+def logged_entries(sent: list[str]) -> list:
+    """The release log entries a run wrote: the ENTRY lines of its `deploy-lock.sh finish`."""
+    from fabfile.core import state
+
+    lines = [shlex.split(command)[-1] for command in sent if LOG_APPEND in command]
+    return [entry for line in lines for entry in state.parse_log(line)]
+
+
+@pytest.fixture
+def logged():
+    return logged_entries
 
 
 def probe_markers(script: str) -> set[str]:

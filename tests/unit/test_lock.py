@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -16,6 +17,7 @@ import invoke
 import pytest
 
 from fabfile.core import lock, state
+from fabfile.core.cutoff import settle
 from fabfile.core.errors import EXIT_LOCKED, ConnectionLost, LockHeldError, OpsError
 from fabfile.core.target import LocalTarget
 
@@ -76,6 +78,48 @@ def test_only_the_run_that_holds_the_lock_releases_it(sh, state_dir, tmp_path):
             (tmp_path / "deploy.lock" / "info").write_text("holder=other@ci\nsince=now\nsha=x\ntoken=theirs\n")
     assert "taken from this run" in info.value.what and "other@ci" in info.value.what
     assert (tmp_path / "deploy.lock").is_dir(), "the other run's lock stays"
+
+
+def test_a_release_ends_in_one_command_that_logs_its_entry_and_frees_the_lock(fake_host):
+    host = fake_host()
+    entry = state.Release(sha=A, kind="release", result="ok", previous=B, message="it's \"quoted\"")
+    with lock.deploy_lock(host, "/var/lib/coachntt-ops", A, "") as held:
+        held.log(entry)
+    acquire, finish = host.sent
+    assert "deploy-lock acquire" in acquire
+    assert shlex.split(finish)[-5:] == ["deploy-lock", "finish", "/var/lib/coachntt-ops", held.token, entry.to_json()]
+    assert held.final == [], "written: a second release of the lock would not write it again"
+
+
+def test_the_entry_of_a_run_whose_lock_was_taken_is_not_written_and_the_error_says_so(sh, state_dir, tmp_path):
+    with pytest.raises(LockHeldError) as info:
+        with lock.deploy_lock(sh, state_dir, A, "mine") as held:
+            held.log(state.Release(sha=A, kind="deploy", result="ok"))
+            (tmp_path / "deploy.lock" / "info").write_text("holder=other@ci\nsince=now\nsha=x\ntoken=theirs\n")
+    assert f"{A[:12]}'s ok entry was not written to the release log" in info.value.hint
+    assert log_of(state_dir) == []
+
+
+@pytest.mark.parametrize("abandoned", [True, False], ids=["recorded-by-the-server", "not-yet-logged"])
+def test_recover_of_a_release_cut_off_after_its_final_entry_logs_it_once_and_undoes_nothing(sh, state_dir, tmp_path, abandoned):
+    final = state.Release(sha=A, kind="release", result="ok", previous=B, who="me", started=state.now(), finished=state.now())
+    with pytest.raises(KeyboardInterrupt):
+        with lock.deploy_lock(sh, state_dir, A, "") as held:
+            held.release = state.Release(sha=A, kind="release", previous=B, who="me", started=final.started)
+            held.log(final)
+            held.phase = "post_deploy hook"
+            assert held.interrupted_entry() == final.to_json(), "a phase after the entry would record it, not an interruption"
+            assert held.run("echo hook").stdout == "hook\n"
+            if abandoned:  # a second Ctrl-C: the server records the entry the client had
+                held.abandon()
+            raise KeyboardInterrupt
+    assert log_of(state_dir) == ([final] if abandoned else [])
+    adopted, info = lock.adopt(sh, state_dir)
+    assert info.finished and info.recorded == abandoned
+    healthy, said = settle(None, None, adopted, info)  # nothing is put back: no app, no reporter needed
+    assert healthy and said == f"{A[:12]} had finished (ok) and is logged: nothing to put back"
+    assert log_of(state_dir) == [final], "exactly one entry for the release"
+    assert not (tmp_path / "deploy.lock").exists()
 
 
 def test_a_phase_runs_as_a_job_and_answers_like_a_plain_command(sh, state_dir, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from datetime import UTC, datetime
 
 import pytest
@@ -192,8 +193,9 @@ def run_patch(project_context, mocker):
     return run
 
 
-LOG_APPEND = ">> /var/lib/coachntt-ops/releases.jsonl"
-ACQUIRE, RELEASE, GATE = "deploy-lock acquire", "deploy-lock release", "health-gate http"
+# The log entry appended and the lock freed: one command (it may quote any other in its entry).
+FINISH = "deploy-lock finish /var/lib/coachntt-ops "
+ACQUIRE, GATE = "deploy-lock acquire", "health-gate http"
 UPGRADE, REBOOT = "host-patch upgrade", "host-patch reboot"
 
 
@@ -203,7 +205,7 @@ def sent_matching(host, needle):
 
 def what_was_sent(host) -> list[str]:
     """Each command named by the first of our needles it holds (the scripts' own texts travel with them)."""
-    needles = (ACQUIRE, RELEASE, UPGRADE, REBOOT, GATE, LOG_APPEND)
+    needles = (FINISH, ACQUIRE, UPGRADE, REBOOT, GATE)
     return [name for name in (next((n for n in needles if n in command), None) for command in host.sent) if name]
 
 
@@ -245,14 +247,14 @@ def test_up_to_date_takes_no_lock_and_changes_nothing(fake_host, app, run_patch,
 def test_a_patch_runs_under_the_deploy_lock_upgrades_gates_and_logs(fake_host, app, run_patch, capsys):
     host = host_for(fake_host, app, upgraded=UPGRADED.rsplit("\n", 1)[0])  # no reboot asked
     run_patch(host)
-    assert what_was_sent(host) == [ACQUIRE, UPGRADE, GATE, LOG_APPEND, RELEASE]
+    assert what_was_sent(host) == [ACQUIRE, UPGRADE, GATE, FINISH]
     (upgrade,) = sent_matching(host, UPGRADE)
     assert "deploy-lock run /var/lib/coachntt-ops 'upgrade packages' 7200" in upgrade.replace("'\"'\"'", "'"), \
         "a phase of its own on the server, where the client cannot cut it (an hour for a backup, an hour for apt)"
     assert upgrade.endswith("/var/run/reboot-required /var/lib/coachntt-ops/backup.lock'\"'\"''"), \
         "the backup timers' lock: a running backup ends first, none starts meanwhile"
-    (entry,) = sent_matching(host, LOG_APPEND)
-    logged = state.parse_log(entry.split("printf '%s\\n' ", 1)[1].rsplit(" >> ", 1)[0].strip("'"))[0]
+    (entry,) = sent_matching(host, FINISH)
+    (logged,) = state.parse_log(shlex.split(entry)[-1])
     assert (logged.kind, logged.sha, logged.result, logged.previous) == ("patch", SHA, "ok", SHA)
     assert logged.message == "maintenance.patch: 3 package(s) upgraded"
     out = capsys.readouterr().out
@@ -299,8 +301,8 @@ def test_a_failed_gate_after_the_patch_is_logged_and_exit_1_naming_the_health_be
         run_patch(host)
     assert info.value.code == 1
     assert "/health did not answer 200 within 30s (it answered HTTP 503 before the patch too)" in info.value.message
-    assert what_was_sent(host) == [ACQUIRE, UPGRADE, GATE, LOG_APPEND, RELEASE], "the lock is released: nothing runs on"
-    (entry,) = sent_matching(host, LOG_APPEND)
+    assert what_was_sent(host) == [ACQUIRE, UPGRADE, GATE, FINISH], "the lock is released: nothing runs on"
+    (entry,) = sent_matching(host, FINISH)
     assert '"result": "failed"' in entry and '"phase": "health gate"' in entry
 
 
@@ -311,7 +313,7 @@ def test_on_the_host_itself_a_reboot_is_never_done_and_the_run_says_what_to_do(f
     assert info.value.code == 1
     assert info.value.message.startswith("error: the host asks for a reboot (asked by linux-image-6.12.48-amd64), "
                                          "which a run on the host itself cannot wait for; run `fab -H coachntt@HOST")
-    assert what_was_sent(host) == [ACQUIRE, UPGRADE, GATE, LOG_APPEND, RELEASE], "no reboot"
+    assert what_was_sent(host) == [ACQUIRE, UPGRADE, GATE, FINISH], "no reboot"
 
 
 def test_over_ssh_a_reboot_asked_for_is_done_under_the_lock_waited_for_then_gated(fake_host, app, run_patch, mocker, capsys):
@@ -324,11 +326,11 @@ def test_over_ssh_a_reboot_asked_for_is_done_under_the_lock_waited_for_then_gate
     mocker.patch.object(reboot, "boot_id", side_effect=lambda target: next(boots))
     mocker.patch.object(reboot.time, "sleep")
     run_patch(host)
-    assert what_was_sent(host) == [ACQUIRE, UPGRADE, REBOOT, GATE, LOG_APPEND, RELEASE]
+    assert what_was_sent(host) == [ACQUIRE, UPGRADE, REBOOT, GATE, FINISH]
     (gate,) = sent_matching(host, GATE)
     deadline = int(re.search(r"health-gate http://127.0.0.1:8002/health (\d+) 1 ", gate).group(1))
     assert 590 <= deadline <= 600, "after a boot the app gets what is left of maintenance.reboot_timeout (600s)"
-    (entry,) = sent_matching(host, LOG_APPEND)
+    (entry,) = sent_matching(host, FINISH)
     assert "3 package(s) upgraded; rebooted (" in entry
     assert "back after " in capsys.readouterr().out
 
@@ -359,4 +361,4 @@ def test_without_a_boot_id_to_compare_the_host_is_never_rebooted(fake_host, app,
     with pytest.raises(Exit) as info:
         run_patch(host)
     assert info.value.code == 1 and "cannot read the boot id of" in info.value.message
-    assert what_was_sent(host) == [ACQUIRE, UPGRADE, LOG_APPEND, RELEASE], "logged as failed, the lock released, no reboot"
+    assert what_was_sent(host) == [ACQUIRE, UPGRADE, FINISH], "logged as failed, the lock released, no reboot"

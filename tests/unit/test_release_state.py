@@ -170,7 +170,8 @@ def test_rollback_to_a_failed_release_reads_the_log_then_exits_2_without_changin
     assert info.value.message == f"error: 'ccccccc' is not a release that went live; recent good releases: {B[:12]}, {A[:12]}"
     assert "deploy-lock acquire" in host.sent[0], "the log is read under the lock"
     assert "tail -n 500 /var/lib/coachntt-ops/releases.jsonl" in host.sent[1]
-    assert len(host.sent) == 3 and "deploy-lock release" in host.sent[2], "nothing but the lock's release follows"
+    assert len(host.sent) == 3 and "deploy-lock finish" in host.sent[2], "nothing but the lock's release follows"
+    assert shlex.split(host.sent[2])[-1] == "", "with no entry: nothing was tried"
 
 
 def test_history_shows_the_readable_entries_and_warns_about_the_rest(project_context, mocker, release_host, capsys):
@@ -281,7 +282,8 @@ def deploy_host(release_host, **replies):
     return release_host(log, A, replies={"git fetch --quiet origin": (0, B + "\n", ""), **replies})
 
 
-def test_a_failing_pre_deploy_hook_stops_the_release_before_anything_changes(project_context, mocker, monkeypatch, release_host):
+def test_a_failing_pre_deploy_hook_stops_the_release_before_anything_changes(project_context, mocker, monkeypatch, release_host,
+                                                                            logged):
     monkeypatch.setenv("COACHNTT_APP__HOOKS__PRE_DEPLOY", "./check-freeze")
     host = deploy_host(release_host, **{"COACHNTT_HOOK=pre_deploy": (1, "", "deploys are frozen until Monday")})
     mocker.patch.object(task_module, "target_for", return_value=host)
@@ -292,9 +294,9 @@ def test_a_failing_pre_deploy_hook_stops_the_release_before_anything_changes(pro
     assert f"COACHNTT_SHA={B}" in hook and f"COACHNTT_PREVIOUS_SHA={A}" in hook and "./check-freeze" in hook
     assert not any("git checkout" in c or "backup-db" in c for c in host.sent), "nothing may change after a veto"
     assert "pre_deploy hook" in info.value.message and "nothing changed" in info.value.message
-    assert "deploy-lock release" in host.sent[-1], "the lock is released"
-    entry = next(c for c in host.sent if c.startswith("printf") and c.endswith("releases.jsonl"))
-    assert '"result": "failed"' in entry and '"phase": "pre_deploy hook"' in entry, "the attempt is logged with its phase"
+    assert "deploy-lock finish" in host.sent[-1], "the lock is released"
+    (entry,) = logged(host.sent)
+    assert (entry.result, entry.phase) == ("failed", "pre_deploy hook"), "the attempt is logged with its phase, as the lock is freed"
 
 
 def test_lock_wait_asks_again_until_the_holder_is_done(mocker, fake_host):

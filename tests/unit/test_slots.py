@@ -304,10 +304,7 @@ def deploy_replies(grep: str = "") -> dict:
     }
 
 
-def appended(sent: list[str]) -> list[state.Release]:
-    """The release log entries a run appended (not the probes that read the log)."""
-    lines = [c.split("'")[3] for c in sent if c.startswith("printf '%s\\n' '{") and c.endswith("releases.jsonl")]
-    return [state.parse_log(line)[0] for line in lines]
+LOG_APPEND = "deploy-lock finish "  # the entry appended and the lock freed, one command
 
 
 def deploy_order(sent: list[str]) -> list[str]:
@@ -316,16 +313,17 @@ def deploy_order(sent: list[str]) -> list[str]:
              ("up -d --no-deps api_b", "start b"), ("up -d --no-deps api_a", "start a"),
              ("health-gate http://127.0.0.1:8002", "gate b"), ("health-gate http://127.0.0.1:8000", "gate a"),
              ("default 1;", "maintenance on"), ("switch-upstream", "switch"), ("drain-slot 8000 2 2", "stop a now"),
-             ("drain-slot 8000 30", "drain a"), ("stop -t 20 api_a", "stop a"), ("stop -t 20 api_b", "stop b"),
-             ("releases.jsonl", "log")]
+             ("drain-slot 8000 30", "drain a"), ("stop -t 20 api_a", "stop a"), ("stop -t 20 api_b", "stop b")]
     found = []
     for command in sent:
         if "@@coachntt-" in command:  # a batch of read-only probes
             continue
+        if LOG_APPEND in command:  # the entry (it may quote any command) written as the lock is freed
+            found.append("log")
+            continue
         for needle, name in marks:
-            if needle in command and not command.startswith("tail") and "deploy-lock release" not in command:
-                if name != "log" or command.startswith("printf"):
-                    found.append(name)
+            if needle in command and not command.startswith("tail"):
+                found.append(name)
                 break
     return found
 
@@ -340,11 +338,11 @@ def run_deploy(project_context, mocker, release_host):
     return run
 
 
-def test_a_deploy_migrates_while_the_old_slot_serves_then_cuts_over(run_deploy):
+def test_a_deploy_migrates_while_the_old_slot_serves_then_cuts_over(run_deploy, logged):
     host = run_deploy()
     assert deploy_order(host.sent) == ["fetch", "breaking?", "backup", "checkout", "build b", "database", "migrate",
                                        "start b", "gate b", "switch", "drain a", "stop a", "log"]
-    (entry,) = appended(host.sent)
+    (entry,) = logged(host.sent)
     assert (entry.sha, entry.result, entry.slot, entry.schema) == (B, "ok", "b", "4")
 
 
@@ -398,7 +396,7 @@ def test_a_deploy_whose_slot_fails_its_gate_never_switches_and_puts_the_checkout
 # --- recover ---------------------------------------------------------------------------------
 
 
-def test_recover_puts_back_what_served_else_serves_the_other_release_if_it_is_healthy(app, fake_host, mocker):
+def test_recover_puts_back_what_served_else_serves_the_other_release_if_it_is_healthy(app, fake_host, mocker, logged):
     host = fake_host(replies={"health-gate http://127.0.0.1:8000": (1, "25s 500\n", ""),
                               "health-gate http://127.0.0.1:8002": (0, "0s 200 ok\n", ""),
                               "switch-upstream": (0, "switched\n", "")})
@@ -409,11 +407,13 @@ def test_recover_puts_back_what_served_else_serves_the_other_release_if_it_is_he
     reporter = mocker.Mock()
     reporter.phase.return_value.__enter__ = lambda *a: None
     reporter.phase.return_value.__exit__ = lambda *a: None
-    healthy, said = settle(host, reporter, app, held, lock.LockInfo(phase="drain"))
+    healthy, said = settle(reporter, app, held, lock.LockInfo(phase="drain"))
     assert healthy and said == f"{A[:12]} could not be put back; {B[:12]} serves and is healthy"
-    logged = appended(host.sent)
-    assert [(r.sha, r.kind, r.result) for r in logged] == [(B, "deploy", "interrupted"), (B, "verify", "ok")]
-    assert state.current_release(logged).sha == B
+    entries = logged(host.sent)
+    assert [(r.sha, r.kind, r.result) for r in entries] == [(B, "deploy", "interrupted"), (B, "verify", "ok")]
+    assert state.current_release(entries).sha == B
+    assert sum(LOG_APPEND in c for c in host.sent) == 1 and LOG_APPEND in host.sent[-1], \
+        "both entries go with the lock's release, in one command"
 
 
 # --- breaking migrations ----------------------------------------------------------------------
@@ -542,7 +542,7 @@ def settle_breaking_cut_off(app, host, mocker) -> tuple[bool, str]:
     held = lock.HeldLock(host, app.state_dir, "t0ken")
     held.release = state.Release(B, "release", previous=A, slot="b", backup="/backups/db_20261201_101010_pre-bbbbbbbbbbbb.dump",
                                  extra={state.BREAKING_MIGRATED: True})
-    return settle(host, recover_reporter(mocker), app, held, lock.LockInfo(phase="health gate"))
+    return settle(recover_reporter(mocker), app, held, lock.LockInfo(phase="health gate"))
 
 
 def test_recover_of_a_release_cut_off_after_breaking_migrations_restores_its_backup_before_the_old_code_runs(
@@ -573,5 +573,5 @@ def test_recover_of_a_non_breaking_release_restores_nothing(app, fake_host, mock
                                                            container("api_b", "running", B)))
     held = lock.HeldLock(host, app.state_dir, "t0ken")
     held.release = state.Release(B, "release", previous=A, slot="b", backup="/backups/db_20261201_101010_pre-bbbbbbbbbbbb.dump")
-    healthy, _ = settle(host, recover_reporter(mocker), app, held, lock.LockInfo(phase="drain"))
+    healthy, _ = settle(recover_reporter(mocker), app, held, lock.LockInfo(phase="drain"))
     assert healthy and not any("backup-db" in c for c in host.sent)

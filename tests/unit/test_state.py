@@ -140,13 +140,6 @@ def test_operator_names_the_github_actor_when_in_actions(monkeypatch):
     assert state.operator().startswith("octocat via ")
 
 
-def test_append_sends_one_json_line_that_survives_quotes(fake_host):
-    host = fake_host()
-    state.append(host, "/var/lib/coachntt-ops", deploy(A, message="it's \"quoted\""))
-    assert host.sent[0].endswith(">> /var/lib/coachntt-ops/releases.jsonl")
-    assert host.round_trips == 1
-
-
 # --- for real with sh ---------------------------------------------------------
 
 
@@ -157,12 +150,16 @@ def sh():
     return local
 
 
-def test_appended_entries_read_back_in_order(sh, tmp_path):
-    entries = [deploy(A, message="it's \"quoted\" $HOME `x`"), rollback(B, previous=A)]
-    for entry in entries:
-        state.append(sh, str(tmp_path), entry)
+def test_entries_written_as_the_lock_is_freed_read_back_in_order(sh, tmp_path):
+    from fabfile.core import lock
+
+    entries = [deploy(A, message="it's \"quoted\" $HOME `x` @FINISHED@"), rollback(B, previous=A)]
+    with lock.deploy_lock(sh, str(tmp_path), A, "") as held:
+        for entry in entries:
+            held.log(entry)
     log = sh.run(state.read_log_command(str(tmp_path))).stdout
     assert parse_log(log) == entries
+    assert not (tmp_path / "deploy.lock").exists()
 
 
 def test_reading_a_missing_log_is_an_empty_log(sh, tmp_path):
