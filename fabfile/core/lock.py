@@ -204,6 +204,8 @@ def deploy_lock(target: Target, state_dir: str, sha: str, message: str, *, wait:
 def held_error(info: LockInfo) -> LockHeldError:
     if info.job == "running":
         hint = "wait for it (--lock-wait N) or follow it with `deploy.status`"
+    elif info.finished:
+        hint = "its client is gone after the release finished: run `deploy.recover` to log it and free the lock"
     elif info.release is not None:
         hint = "its client is gone and the release is half done: run `deploy.recover`"
     else:

@@ -437,6 +437,8 @@ def test_release_a_then_b_under_load_fails_no_request_and_logs_one_entry_each(se
         assert "staging is not set up on" in result.stdout, "staging skipped with its reason: " + result.stdout
         log = service.log()
         assert len(log) == count + 1, "exactly one release log entry per release"
+        assert [e["kind"] for e in log if e["sha"] == new] == ["release"], log
+        assert not service.lock_held(), "the entry is written and the lock freed by one command"
         entry = log[-1]
         assert (entry["kind"], entry["sha"], entry["result"], entry["previous"]) == ("release", new, "ok", before), entry
         assert entry["message"] == "a release under load" and list(phases_of(entry)) == list(PHASES), entry
@@ -624,6 +626,7 @@ def test_release_of_the_live_sha_again_is_a_fast_no_op_that_only_verifies(servic
     log = service.log()
     assert len(log) == count + 1
     assert (log[-1]["kind"], log[-1]["sha"], log[-1]["result"]) == ("verify", live, "ok"), log[-1]
+    assert not service.lock_held(), "the verify entry and the lock's release went together"
     after = service.fingerprint()
     assert {k: v for k, v in after.items() if k != "files"} == {k: v for k, v in before.items() if k != "files"}
     assert backups_on(service) == backups, "no backup for a release that changes nothing"
