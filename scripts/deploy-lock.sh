@@ -13,6 +13,7 @@
 #   deploy-lock.sh acquire STATE_DIR TOKEN WHO SHA MESSAGE   exit 4 + holder info if held
 #   deploy-lock.sh finish  STATE_DIR TOKEN ENTRY             append ENTRY (if any) to the log and free the lock,
 #                                     as one step; exit 5, nothing written, if the lock is not (any more) ours
+#   deploy-lock.sh release STATE_DIR TOKEN                   finish with no entry (deps' restart of Docker)
 #   deploy-lock.sh status  STATE_DIR                         holder + phase info, exit 1 if free
 #   deploy-lock.sh break   STATE_DIR                         exit 4 while a phase still runs under it
 #   deploy-lock.sh run     STATE_DIR PHASE TIMEOUT ENTRY COMMAND
@@ -82,7 +83,7 @@ acquire)
     status
     exit 4
     ;;
-finish)
+finish|release)
     entry=${4:-}
     # Once begun it runs to its end: a client that goes away now cannot leave
     # the release logged with the lock still held (deploy.recover would undo it).
@@ -164,7 +165,7 @@ abandon)
     record "$entry" "$(cat "$lock/job.status" 2>/dev/null || echo -)"
     ;;
 *)
-    echo "usage: deploy-lock.sh acquire|finish|status|break|run|wait|abandon STATE_DIR ..." >&2
+    echo "usage: deploy-lock.sh acquire|finish|release|status|break|run|wait|abandon STATE_DIR ..." >&2
     exit 2
     ;;
 esac

@@ -66,3 +66,9 @@ def test_finish_writes_each_line_of_a_settled_release(lock_sh):
     verify = state.Release(sha=A, kind="verify", result="ok").to_json()
     assert lock_sh("finish", "t0ken", f"{ENTRY}\n{verify}").returncode == 0
     assert lock_sh.log.read_text().splitlines() == [ENTRY, verify]
+
+
+def test_release_is_finish_without_an_entry_for_a_run_that_logs_nothing(lock_sh):
+    assert lock_sh("release", "not-ours").returncode == 5 and lock_sh.lock.is_dir()
+    assert lock_sh("release", "t0ken").returncode == 0, "deps' restart of Docker frees the lock it took this way"
+    assert lock_sh.log.read_text() == "" and not lock_sh.lock.exists()
