@@ -15,6 +15,9 @@ Runbook (`fab -H coachntt@HOST deps`):
                          leaves the file alone.
     5. nginx running     enabled at boot
 `deps.check` prints the version of each (one round trip).
+`deps.images [--pull]`: whether the registry holds newer images under the tags the
+app's compose file and Dockerfiles name (one round trip; exit 1 when it does);
+--pull fetches them, and the next `release` builds and runs the api on them.
 """
 
 import base64
@@ -24,8 +27,9 @@ import secrets
 from invoke import Collection
 
 from .core import lock, remote, templates
+from .core.app import App
 from .core.batch import gather
-from .core.errors import OpsError
+from .core.errors import OpsError, RemoteCommandError
 from .core.fleet import CHANGES, READS
 from .core.steps import Change, Facts, Plan, Step
 from .core.task import ops_task
@@ -132,6 +136,53 @@ def check(ops):
         raise OpsError(f"missing or broken on {ops.where}: {', '.join(missing)}", "run `deps` to install them")
 
 
+IMAGE_UPDATES = f"sh -c {remote.q(templates.script('image-updates.sh'))} image-updates"
+CURRENT, UPDATE = "current", "update"
+
+
+def images_command(app: App) -> str:
+    """Every image the app's compose files name, and the base image of each Dockerfile in
+    the app's directory, asked of their registries (scripts/image-updates.sh)."""
+    bases = app.in_dir("sed -n 's/^FROM[[:space:]]\\{1,\\}\\([^[:space:]]*\\).*/\\1/Ip' Dockerfile* 2>/dev/null")
+    return (f"images=$({app.compose('config --images')}) || exit 3\n"
+            f"bases=$({bases})\n"
+            f"{IMAGE_UPDATES} $(printf '%s\\n' $images $bases | sort -u)")
+
+
+def parse_image_lines(output: str) -> list[tuple[str, str, str]]:
+    return [tuple(line.split("\t", 2)) for line in output.splitlines() if line.count("\t") >= 2]
+
+
+@ops_task(fleet=READS, help={"pull": "fetch the images that have updates (nothing restarts)"})
+def images(ops, pull=False):
+    """Images of the app with updates in their registry; exit 1 when there are some."""
+    app = App.from_settings(ops.settings)
+    result = ops.target.run(images_command(app), check=False)
+    if result.exit_status == 3:
+        raise OpsError(f"docker compose cannot read the app's compose files in {app.dir} on {ops.where}",
+                       "run `deploy.setup` (and a first release) before asking about its images")
+    found = parse_image_lines(result.stdout)
+    if not result.ok or not found:
+        raise RemoteCommandError(f"asking the registries about the app's images failed on {ops.where}",
+                                 (result.stderr.strip().splitlines() or ["no output"])[-1])
+    for image, status, detail in found:
+        if ops.json:
+            print(json.dumps({"host": ops.where, "image": image, "status": status, "detail": detail}), flush=True)
+        else:
+            ops.reporter.info(f"  {status:<8} {image:<48} {detail}")
+    updates = [image for image, status, _ in found if status == UPDATE]
+    if updates and pull:
+        for image in updates:
+            ops.target.run(f"docker pull --quiet {remote.q(image)}")
+        ops.reporter.info(f"  pulled {len(updates)}: the next `release` builds the api on them; a service running "
+                          "one of them gets it with `docker compose up -d SERVICE` (PostgreSQL: in the maintenance window)")
+        return
+    if updates:
+        raise OpsError(f"{len(updates)} image(s) have updates on {ops.where}: {', '.join(updates)}",
+                       "`deps.images --pull` fetches them; the next `release` builds and runs the api on them")
+
+
 ns = Collection("deps")
 ns.add_task(install, default=True)
 ns.add_task(check)
+ns.add_task(images)

@@ -43,6 +43,7 @@ from .util import file_lock, shared_lock
 SUITE = "trixie"
 FORMAT_VERSION = 1  # bump when the archive layout or build recipe changes incompatibly
 ENTRYPOINTS_DIR = REPO_ROOT / "examples" / "app" / "images"
+STALE_ARCHIVE_AGE = 7 * 24 * 3600
 ARCHIVE_PREFIX = "ctr-"  # images/ also holds the host trees; ours are ctr-<family>-<key>.tar.zst
 
 # Documentation, man pages and translations are never read inside a container.
@@ -297,6 +298,14 @@ def require_build_tools() -> None:
         raise SandboxError("building container images needs root (mmdebstrap chroots); run as root")
 
 
+def prune_stale_archives(family: ImageFamily, *, keep: tuple[str, ...], directory: Path) -> None:
+    """Archives of the family's other keys go once a week old, not at once: another
+    checkout (a branch, a CI clone) may be loading its own key's archive into a host now."""
+    for stale in directory.glob(f"{ARCHIVE_PREFIX}{family.name}-*.tar.zst*"):
+        if stale.name not in keep and time.time() - stale.stat().st_mtime > STALE_ARCHIVE_AGE:
+            stale.unlink(missing_ok=True)
+
+
 def build_family(family: ImageFamily, *, cache: Path | None = None, force: bool = False, log=None) -> Path:
     """Build (or reuse) the family's cached archive; return its path.
 
@@ -326,9 +335,7 @@ def build_family(family: ImageFamily, *, cache: Path | None = None, force: bool 
             partial = Path(tmp) / output.name
             ids = write_docker_archive(family, layer, partial)
             os.replace(partial, output)
-        for stale in output.parent.glob(f"{ARCHIVE_PREFIX}{family.name}-*.tar.zst*"):
-            if stale.name not in (output.name, meta.name):
-                stale.unlink()
+        prune_stale_archives(family, keep=(output.name, meta.name), directory=output.parent)
         meta.write_text(json.dumps({"family": family.name, "key": family.key(), "images": ids}, indent=2) + "\n")
         _log(
             log,

@@ -100,3 +100,47 @@ def test_deps_hardens_the_docker_daemon_keeping_containers_up_and_never_during_a
     steps = [r for r in json_lines(again.stdout) if "step" in r]
     assert again.returncode == 0 and all(r["status"] == "ok" for r in steps), again.stdout
     assert docker_facts(host)["pid"] == after["pid"], "no change, no restart"
+
+
+REGISTRY_IMAGE = "127.0.0.1:5000/coachntt/python-base:3.13-trixie"
+IMAGES_ENV = {"COACHNTT_APP__DIR": "/srv/images-test", "COACHNTT_APP__COMPOSE_FILE": "compose.yml"}
+
+
+def test_deps_images_finds_a_newer_image_in_the_registry_and_pulls_it_on_request(vps_factory):
+    """A real registry (Debian's docker-registry) on the host: an app whose compose file
+    and Dockerfile name an image there; a newer push under the same tag is an update."""
+    host = vps_factory(flavour="provisioned")
+    images.load_images(host, families=(images.PYTHON_BASE,))
+    code, out = console(host, "apt-get -q -y install --no-install-recommends docker-registry >/dev/null && "
+                              "for i in $(seq 50); do curl -sf http://127.0.0.1:5000/v2/ >/dev/null && break; sleep 0.2; done && "
+                              f"docker tag coachntt/python-base:3.13-trixie {REGISTRY_IMAGE} && docker push -q {REGISTRY_IMAGE} && "
+                              "mkdir -p /srv/images-test && cd /srv/images-test && "
+                              f"printf 'FROM {REGISTRY_IMAGE}\\nCOPY . /app\\n' > Dockerfile && "
+                              f"printf 'services:\\n  worker:\\n    image: {REGISTRY_IMAGE}\\n' > compose.yml")
+    assert code == 0, out
+
+    current = fab(host, "deps.images", "--json", env=IMAGES_ENV)
+    assert current.returncode == 0, current.stdout + current.stderr
+    (row,) = [r for r in json_lines(current.stdout) if "image" in r]
+    assert (row["image"], row["status"]) == (REGISTRY_IMAGE, "current"), row
+
+    # The registry gets a newer image under the same tag; the host keeps the one it has.
+    code, out = console(host, f"old=$(docker image inspect -f '{{{{.Id}}}}' {REGISTRY_IMAGE}) && "
+                              f"printf 'FROM {REGISTRY_IMAGE}\\nLABEL rebuilt=yes\\n' | docker build -q -t {REGISTRY_IMAGE} - && "
+                              f"docker push -q {REGISTRY_IMAGE} >/dev/null && "
+                              f"new=$(docker image inspect -f '{{{{.Id}}}}' {REGISTRY_IMAGE}) && "
+                              f"docker tag $old {REGISTRY_IMAGE} && echo $new")
+    assert code == 0, out
+    newer_id = out.strip().splitlines()[-1]
+
+    behind = fab(host, "deps.images", env=IMAGES_ENV)
+    assert behind.returncode == 1, behind.stdout + behind.stderr
+    assert f"1 image(s) have updates on root@{host.ip}: {REGISTRY_IMAGE}" in one_line(behind)
+    assert "update" in behind.stdout and "127.0.0.1:5000 has sha256:" in behind.stdout
+
+    pulled = fab(host, "deps.images", "--pull", env=IMAGES_ENV)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    assert "pulled 1: the next `release` builds the api on them" in pulled.stdout
+    assert console(host, f"docker image inspect -f '{{{{.Id}}}}' {REGISTRY_IMAGE}")[1].strip() == newer_id
+    again = fab(host, "deps.images", env=IMAGES_ENV)
+    assert again.returncode == 0 and "current" in again.stdout, again.stdout + again.stderr

@@ -51,3 +51,4 @@ def test_published_ports_are_on_loopback_only(services):
     for name, service in services.items():
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback (Docker bypasses ufw)"
+
