@@ -12,7 +12,7 @@ import subprocess
 import pytest
 from invoke.exceptions import Exit
 
-from fabfile import secure
+from fabfile import secure, secure_audit
 from fabfile.core import task as task_module
 from fabfile.core import templates
 from fabfile.core.batch import ProbeResult
@@ -21,7 +21,6 @@ from fabfile.core.remote import backup_path
 from fabfile.core.target import RemoteTarget, Result
 from fabfile.secure import (
     SSHD_DROP_IN,
-    audit_findings,
     authorized_keys_step,
     deploy_user_step,
     firewall_step,
@@ -34,6 +33,7 @@ from fabfile.secure import (
     sshd_step,
     sshd_undo,
 )
+from fabfile.secure_audit import audit_findings
 
 missing = ProbeResult("", 1)
 
@@ -617,8 +617,8 @@ def detail(facts, item):
 
 
 def test_audit_asks_the_host_the_effective_values():
-    assert secure.AUDIT_PROBES["sshd"] == "sshd -T"
-    assert secure.AUDIT_PROBES["listening"] == "ss -Hltnp"
+    assert secure_audit.AUDIT_PROBES["sshd"] == "sshd -T"
+    assert secure_audit.AUDIT_PROBES["listening"] == "ss -Hltnp"
 
 
 def test_a_docker_published_port_is_exposed_even_behind_ufw():
