@@ -74,7 +74,7 @@ class Remote:
 
 def deploy_app(remote: Remote, served: Path) -> None:
     """examples/app on the host exactly as test_backup.py's fixture puts it there: images
-    loaded, the sandbox compose override, `secure`, `deploy.setup`, `deploy --sha` from a
+    loaded, the sandbox compose override, `secure`, `nginx`, `deploy.setup`, `deploy --sha` from a
     git daemon on the bridge (stopped again once deployed)."""
     images.load_images(remote.host, log=log)
     rehearsal.put_overrides(remote.host)
@@ -82,6 +82,7 @@ def deploy_app(remote: Remote, served: Path) -> None:
     with example_repo.GitDaemon(served) as git:
         remote.env.update({"COACHNTT_APP__REPO": git.url("app"), "COACHNTT_APP__HEALTH_DEADLINE": "25"})
         remote.fab("secure", user="root")
+        remote.fab("nginx")  # a release switches nginx between the api's slots and refuses without it
         remote.fab("deploy.setup")
         remote.fab("deploy", "--sha", sha)
 

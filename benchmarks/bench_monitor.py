@@ -103,7 +103,8 @@ def deploy_app(host: sandbox.Host, served: Path) -> None:
         env = {"COACHNTT_APP__REPO": git.url("app"), "COACHNTT_APP__COMPOSE_OVERRIDES": rehearsal.APP_OVERRIDE,
                "COACHNTT_APP__HEALTH_DEADLINE": "60"}
         fab(host, env, "secure", user="root")
-        for args in (("deploy.setup",), ("deploy", "--sha", sha), ("nginx",), ("backup.now",)):
+        # nginx first: a release switches nginx between the api's slots and refuses without it.
+        for args in (("nginx",), ("deploy.setup",), ("deploy", "--sha", sha), ("backup.now",)):
             fab(host, env, *args)
     deadline = time.monotonic() + 120
     while True:  # every container past its first health check
