@@ -133,8 +133,19 @@ def test_the_first_run_brings_the_stack_up_and_verifies_it(monitored):
     assert all(line.split()[1] == "running" and line.split()[2].startswith("coachntt-sandbox/") for line in states.splitlines())
 
 
+def scraped_targets(monitored, seconds: float = 45) -> list[dict]:
+    """Prometheus' active targets once each has been scraped at least once: it spreads the
+    first scrapes over the 15 s interval, and an unscraped one has no `up` sample yet."""
+    deadline = time.monotonic() + seconds
+    while True:
+        targets = monitored.prometheus("/api/v1/targets", state="active")["activeTargets"]
+        if all(t["health"] != "unknown" for t in targets) or time.monotonic() > deadline:
+            return targets
+        time.sleep(1)
+
+
 def test_prometheus_reports_every_job_up_and_only_the_idle_api_slot_down(monitored):
-    targets = monitored.prometheus("/api/v1/targets", state="active")["activeTargets"]
+    targets = scraped_targets(monitored)
     assert {t["labels"]["job"] for t in targets} == JOBS
     down = [(t["labels"]["job"], t["labels"]["instance"]) for t in targets if t["health"] != "up"]
     assert down == [("api", IDLE[1])], [(t["labels"]["instance"], t["lastError"]) for t in targets]
