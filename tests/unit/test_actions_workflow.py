@@ -8,13 +8,13 @@ is never found, and the host it is given is loopback anyway.
 from __future__ import annotations
 
 import re
-import shutil
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from stand_ins import script_path
 
 from fabfile.core.settings import PROJECT_DIR
 
@@ -151,14 +151,8 @@ exit "${SSH_EXIT:-0}"
 @pytest.fixture
 def ci(tmp_path):
     bin_dir, rec = tmp_path / "bin", tmp_path / "rec"
-    bin_dir.mkdir()
     rec.mkdir()
-    for tool in (*PLAIN_TOOLS, "cp", "dirname", "sh"):
-        found = shutil.which(tool)
-        assert found, f"{tool} is needed to run the script here"
-        (bin_dir / tool).symlink_to(found)
-    (bin_dir / "ssh").write_text(STAND_IN_SSH)
-    (bin_dir / "ssh").chmod(0o755)
+    script_path(bin_dir, (*PLAIN_TOOLS, "cp", "dirname", "sh"), {"ssh": STAND_IN_SSH})
 
     def run(**env: str) -> subprocess.CompletedProcess:
         given = {"DEPLOY_TASK": "release", "DEPLOY_HOST": "127.0.0.1", "DEPLOY_SSH_KEY": KEY, "DEPLOY_KNOWN_HOSTS": KNOWN,

@@ -3,10 +3,10 @@ sleep on a PATH of nothing else: this machine's own apt is never reached."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
+from stand_ins import script_path
 
 from fabfile.core.templates import SCRIPTS_DIR
 
@@ -38,13 +38,9 @@ esac
 @pytest.fixture
 def host(tmp_path):
     bin_dir, rec, lists = tmp_path / "bin", tmp_path / "rec", tmp_path / "lists"
-    for directory in (bin_dir, rec, lists / "partial"):
+    for directory in (rec, lists / "partial"):
         directory.mkdir(parents=True)
-    for tool in PLAIN_TOOLS:
-        (bin_dir / tool).symlink_to(shutil.which(tool))
-    for name, text in STAND_INS.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+    script_path(bin_dir, PLAIN_TOOLS, STAND_INS)
     for name in ("lock", "deb.debian.org_debian_dists_trixie_InRelease", "deb.debian.org_debian_dists_trixie_main_Packages"):
         (lists / name).write_text("x")
 

@@ -7,10 +7,10 @@ The script runs with a PATH of a few plain tools and nothing else.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
+from stand_ins import script_path
 
 from fabfile.core import state
 from fabfile.core.templates import SCRIPTS_DIR
@@ -25,11 +25,7 @@ ENTRY = state.Release(sha=A, kind="release", result="ok", who="me@laptop", start
 @pytest.fixture
 def lock_sh(tmp_path):
     bin_dir, state_dir = tmp_path / "bin", tmp_path / "state"
-    bin_dir.mkdir()
-    for tool in PLAIN_TOOLS:
-        found = shutil.which(tool)
-        assert found, f"{tool} is needed to run the script here"
-        (bin_dir / tool).symlink_to(found)
+    script_path(bin_dir, PLAIN_TOOLS)
 
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["sh", str(SCRIPT), args[0], str(state_dir), *args[1:]], capture_output=True, text=True,

@@ -8,12 +8,12 @@ else, so it can never reach this machine's real apt, dpkg or systemd.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from stand_ins import script_path
 
 from fabfile.core import patching
 from fabfile.core.templates import SCRIPTS_DIR
@@ -62,15 +62,8 @@ Conf base-files (13.2 Debian:13.2/stable [amd64])
 def host(tmp_path):
     """A PATH of stand-ins and plain tools; $REC collects what they were asked."""
     bin_dir, rec = tmp_path / "bin", tmp_path / "rec"
-    bin_dir.mkdir()
     rec.mkdir()
-    for tool in PLAIN_TOOLS:
-        found = shutil.which(tool)
-        assert found, f"{tool} is needed to run the script here"
-        (bin_dir / tool).symlink_to(found)
-    for name, text in STAND_INS.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+    script_path(bin_dir, PLAIN_TOOLS, STAND_INS)
     (rec / "before").write_text("ii |base-files|13.1\nii |linux-image-amd64|6.12.41-1\nrc |gone-long-ago|1.0\n"
                                 "ii |old-lib|2.0\nhi |held|1.0\n")
     (rec / "after").write_text("ii |base-files|13.2\nii |linux-image-amd64|6.12.48-1\nii |linux-image-6.12.48-amd64|6.12.48-1\n"

@@ -4,10 +4,10 @@ verdict for each image. Nothing leaves this machine."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
+from stand_ins import script_path
 
 from fabfile.core.templates import SCRIPTS_DIR
 from fabfile.deps import parse_image_lines
@@ -42,12 +42,7 @@ esac
 def host(tmp_path):
     bin_dir, rec = tmp_path / "bin", tmp_path / "rec"
     (rec / "heads").mkdir(parents=True)
-    bin_dir.mkdir()
-    for tool in PLAIN_TOOLS:
-        (bin_dir / tool).symlink_to(shutil.which(tool))
-    for name, text in STAND_INS.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+    script_path(bin_dir, PLAIN_TOOLS, STAND_INS)
 
     def run(*images: str, digests: dict[str, str], heads: dict[str, str], token: str = "") -> list[tuple[str, str, str]]:
         (rec / "digests").write_text("".join(f"{image} {value}\n" for image, value in digests.items()))
