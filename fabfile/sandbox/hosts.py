@@ -39,6 +39,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -85,6 +86,9 @@ class Host:
     flavour: str = "fresh"
     known_hosts: Path = field(default_factory=known_hosts_path)
     suite: str = image.DEFAULT_SUITE
+    # Names and IPs are reused once freed; this id tells this boot apart from a later
+    # host under the same name, so a late teardown never destroys someone else's host.
+    instance: str = ""
 
     def ssh_cmd(self, *remote: str, extra: tuple[str, ...] = ()) -> list[str]:
         """An ssh command line with strict host key checking against the pinned key."""
@@ -204,22 +208,43 @@ def keep_failure_log(name: str) -> None:
 
 
 def reserve(name: str | None, flavour: str, suite: str) -> Host:
-    """Pick the lowest free IP (and a name if none given) and record the host, under a lock."""
+    """Pick the next free IP (and a name if none given) and record the host, under a lock."""
     with file_lock("hosts"):  # also orders us against teardown_network_if_unused()
         ensure_network()
-        used = {state["ip"] for state in all_states()}
-        free = [f"{SUBNET_PREFIX}{octet}" for octet in range(FIRST_HOST_OCTET, LAST_HOST_OCTET + 1)
-                if f"{SUBNET_PREFIX}{octet}" not in used]
-        if not free:
-            raise SandboxError("no free sandbox IP left; run sandbox.down --all")
-        ip = free[0]
-        name = name or f"vps{ip.rsplit('.', 1)[1]}"
+        used = {int(state["ip"].rsplit(".", 1)[1]) for state in all_states()}
+        octet = next_free_octet(used, last_octet_file())
+        ip = f"{SUBNET_PREFIX}{octet}"
+        name = name or f"vps{octet}"
         if state_file(name).exists():
             raise SandboxError(f"host {name} already exists; run sandbox.down --name {name} first")
-        host = Host(name=name, ip=ip, flavour=flavour, suite=suite)
+        host = Host(name=name, ip=ip, flavour=flavour, suite=suite, instance=uuid.uuid4().hex)
         host_dir(name).mkdir(parents=True, exist_ok=True)
         write_state(host)
         return host
+
+
+def last_octet_file() -> Path:
+    return hosts_dir().parent / "last-host-octet"
+
+
+def next_free_octet(used: set[int], record: Path) -> int:
+    """The first free octet after the last one handed out (wrapping), recorded in `record`.
+
+    Handing out the lowest free one would give a just-freed IP and name to the next host at
+    once, while a test that took its host down on purpose may still expect it unreachable.
+    """
+    try:
+        last = int(record.read_text())
+    except (OSError, ValueError):
+        last = FIRST_HOST_OCTET - 1
+    span = range(FIRST_HOST_OCTET, LAST_HOST_OCTET + 1)
+    start = last + 1 if last + 1 in span else FIRST_HOST_OCTET
+    ordered = [*range(start, LAST_HOST_OCTET + 1), *range(FIRST_HOST_OCTET, start)]
+    octet = next((o for o in ordered if o not in used), None)
+    if octet is None:
+        raise SandboxError("no free sandbox IP left; run sandbox.down --all")
+    record.write_text(str(octet))
+    return octet
 
 
 def write_state(host: Host, **extra) -> None:
@@ -415,10 +440,16 @@ def unmount_all_under(path: Path) -> None:
         raise SandboxError(f"cannot unmount {leftover[0]}; not removing {path}")
 
 
-def down(name: str) -> None:
-    """Destroy a host: processes, mounts, cgroups, veth, state, pinned key. Idempotent."""
+def down(name: str, instance: str | None = None) -> None:
+    """Destroy a host: processes, mounts, cgroups, veth, state, pinned key. Idempotent.
+
+    With `instance`, only that boot of the host: when it is gone already and the name now
+    belongs to a newer host (or to none), nothing is touched.
+    """
     require_root()
     state = read_state(name) or {}
+    if instance is not None and state.get("instance") != instance:
+        return
     kill_host_processes(name)
     remove_cgroups(name)
     if Path(f"/sys/class/net/{veth_name(name)}").exists():
@@ -442,7 +473,8 @@ def list_hosts() -> list[Host]:
     for state in all_states():
         hosts.append(Host(name=state["name"], ip=state["ip"], user=state.get("user", "root"),
                           key=Path(state["key"]), flavour=state["flavour"],
-                          known_hosts=Path(state["known_hosts"]), suite=state.get("suite", image.DEFAULT_SUITE)))
+                          known_hosts=Path(state["known_hosts"]), suite=state.get("suite", image.DEFAULT_SUITE),
+                          instance=state.get("instance", "")))
     return hosts
 
 

@@ -49,7 +49,7 @@ class HostPool:
     """Makes hosts and remembers them, so one call destroys them all (also after a failure)."""
 
     def __init__(self):
-        self.made: list[str] = []
+        self.made: list[sandbox.Host] = []
         self.lock = threading.Lock()
 
     def make(self, flavour: str = "fresh", name: str | None = None) -> sandbox.Host:
@@ -58,16 +58,18 @@ class HostPool:
         except sandbox.SandboxError as exc:
             pytest.fail(f"sandbox host did not come up: {exc}")
         with self.lock:
-            self.made.append(host.name)
+            self.made.append(host)
         return host
 
     def destroy_all(self) -> None:
         errors = []
-        for name in self.made:
+        for host in self.made:
             try:
-                sandbox.down(name)
+                # This boot only: a test may have taken the host down already, and its name
+                # may belong to another worker's host by now.
+                sandbox.down(host.name, instance=host.instance)
             except sandbox.SandboxError as exc:
-                errors.append(f"{name}: {exc}")
+                errors.append(f"{host.name}: {exc}")
         if errors:
             pytest.fail(f"sandbox teardown failed: {'; '.join(errors)}")
 

@@ -248,7 +248,7 @@ def stack(sandbox_ready, tmp_path_factory):
         pytest.fail(f"example app stack could not be set up: {exc}")
     finally:
         if host is not None:
-            sandbox.down(host.name)
+            sandbox.down(host.name, instance=host.instance)
 
 
 def test_health_reports_release_sha_and_schema(stack):

@@ -183,7 +183,7 @@ def test_a_changing_task_runs_at_most_parallel_changes_hosts_at_once(five):
 def test_one_host_down_is_reported_unreachable_and_the_others_still_pass(five):
     """The issue's proof: 4 ok, 1 unreachable, exit non-zero, in about one host's time."""
     down = five[-1]
-    sandbox.down(down.name)
+    sandbox.down(down.name, instance=down.instance)
     result, _ = fab_many(five, "monitor.check", env={"COACHNTT_SSH__CONNECT_TIMEOUT": "3"})
     assert result.returncode == 3, result.stdout + result.stderr
     line = one_line(result, "1 of 5 hosts", "unreachable", f"root@{down.ip}")
