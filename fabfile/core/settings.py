@@ -312,6 +312,11 @@ RULES: dict[str, Rule] = {
     "roles.lb": Rule("empty or one user@host[:port]", _optional_ssh_host),
     "roles.db": Rule("empty or one user@host[:port]", _optional_ssh_host),
     "roles.replica": Rule("a list of user@host[:port]", _ssh_host, each=True),
+    # db.replica (fabfile/db.py): names that reach SQL and shell, sizes PostgreSQL reads.
+    "db.replication_user": Rule("a database role name (letters, digits, _)", _matches(r"[A-Za-z_][A-Za-z0-9_]{0,62}")),
+    "db.volume": Rule("a Docker volume name (letters, digits, _ . -)", _matches(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")),
+    "db.wal_keep_max": Rule("a size PostgreSQL reads, like 512MB or 2GB", _matches(r"[1-9][0-9]{0,6}(kB|MB|GB|TB)")),
+    "db.standby_timeout": Rule("a whole number of seconds from 10 to 3600", _whole_number(10, 3600)),
     # How many hosts a task works on at once (core/fleet.py).
     "fleet.parallel_reads": Rule("a whole number of hosts from 1 to 100", _whole_number(1, 100)),
     "fleet.parallel_changes": Rule("a whole number of hosts from 1 to 50", _whole_number(1, 50)),

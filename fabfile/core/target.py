@@ -147,6 +147,11 @@ class Target:
     def put_file(self, local: str | Path, remote: str) -> None:
         raise NotImplementedError
 
+    def put_private(self, text: str, remote: str) -> None:
+        """`text` (a secret) into the file `remote` only the login user can read; the
+        command that uses it removes it. Never on a command line, never printed."""
+        raise NotImplementedError
+
     def get_file(self, remote: str, local: str | Path) -> None:
         raise NotImplementedError
 
@@ -247,6 +252,11 @@ class LocalTarget(Target):
     def put_file(self, local: str | Path, remote: str) -> None:
         self.run(f"cp {shlex.quote(str(local))} {shlex.quote(remote)}")
 
+    def put_private(self, text: str, remote: str) -> None:
+        fd = os.open(remote, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+
     def get_file(self, remote: str, local: str | Path) -> None:
         self.run(f"cp {shlex.quote(remote)} {shlex.quote(str(local))}")
 
@@ -331,6 +341,13 @@ class RemoteTarget(Target):
     def put_file(self, local: str | Path, remote: str) -> None:
         self.round_trips += 1
         self.connection.put(str(local), remote)
+
+    def put_private(self, text: str, remote: str) -> None:
+        self.round_trips += 1
+        # Made private before the secret is written: SFTP creates files with the server's umask.
+        with self.connection.sftp().open(remote, "wx") as fh:
+            fh.chmod(0o600)
+            fh.write(text)
 
     def get_file(self, remote: str, local: str | Path) -> None:
         self.round_trips += 1
@@ -429,6 +446,14 @@ def target_for(c: Any, settings: Settings) -> Target:
         require_key_files(connection)
         return _one_per_run(connection, settings)
     return LocalTarget(c)
+
+
+def connect_to(c: Any, settings: Settings, login: str) -> Target:
+    """Another host of the layout (user@host[:port], from roles.*), with the run's SSH
+    options and key: a task that works on several hosts at once (db.replica)."""
+    connection = Connection(login, config=c.config.clone())
+    require_key_files(connection)
+    return _one_per_run(connection, settings)
 
 
 # -- one connection per host for the whole run --------------------------------

@@ -13,6 +13,7 @@ a host that fails or is unreachable is the fan-out's doing, not the set-up's.
 from __future__ import annotations
 
 import base64
+import re
 import secrets
 import subprocess
 import time
@@ -201,3 +202,58 @@ def test_one_host_down_is_reported_unreachable_and_the_others_still_pass(five):
     assert {r["host"] for r in found} == {f"root@{h.ip}" for h in five[:-1]}
     # The unreachable host costs its connect attempt, not a turn after the others.
     assert_parallel(summary, [r["seconds"] for r in results.values()])
+
+
+# --- db.replica: the primary's rows on a standby, read through the read-only URL ----------
+
+SQL = "docker exec ccp_postgres psql -AtX -U coachntt -d coachntt_prod"
+
+
+def test_a_replica_streams_the_primarys_rows_and_the_app_reads_them_read_only(five):
+    """The issue's proof: a row written on the primary is on the replica, the app's
+    read-only URL reads it there and cannot write, and a replica host's own database is
+    refused, not overwritten. Last in the module: it turns five[1] into a standby."""
+    primary, replica = five[0], five[1]
+    env = {"COACHNTT_ROLES__DB": f"root@{primary.ip}", "COACHNTT_ROLES__REPLICA": f"root@{replica.ip}",
+           "COACHNTT_APP__COMPOSE_OVERRIDES": "/opt/coachntt/compose.sandbox.yml"}
+    # The app's connection string, as deploy.setup's env file holds it.
+    sh(primary, "cd /opt/coachntt && pw=$(sed -n 's/^POSTGRES_PASSWORD=//p' .env.production) && "
+                "echo \"DATABASE_URL=postgresql://coachntt:$pw@postgres:5432/coachntt_prod\" >> .env.production")
+    sh(replica, f"{SQL} -c 'create table own_data (x text); insert into own_data values ($$kept$$)'")
+
+    refused, _ = fab_many([replica], "db.replica", env=env)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    one_line(refused, "holds a database of its own", "nothing was changed")
+    assert sh(replica, f"{SQL} -c 'select x from own_data'").strip() == "kept"
+    assert "REPLICATION_PASSWORD" not in sh(primary, "cat /opt/coachntt/.env.production"), "the primary was changed"
+
+    # The operator's remedy: the replica host's database goes (here: it held nothing of value).
+    sh(replica, "cd /opt/coachntt && docker compose -f docker-compose.prod.yml -f compose.sandbox.yml rm -sf postgres "
+                ">/dev/null 2>&1 && docker volume rm coachntt_pgdata >/dev/null")
+    done, _ = fab_many([replica], "db.replica", env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for step in ("published", "password", "replication", "standby copy", "streaming", "read-only URL"):
+        assert re.search(rf"^  changed +{step} ", done.stdout, re.MULTILINE), done.stdout
+    password = sh(primary, "sed -n 's/^REPLICATION_PASSWORD=//p' /opt/coachntt/.env.production").strip()
+    assert len(password) == 64 and password not in done.stdout + done.stderr
+
+    again, _ = fab_many([replica], "db.replica", env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert not re.search(r"^  changed ", again.stdout, re.MULTILINE) and again.stdout.count(" 0 changed") == 3, again.stdout
+
+    token = secrets.token_hex(6)
+    sh(primary, f"{SQL} -c 'create table notes_replicated (x text); insert into notes_replicated values ($${token}$$)'")
+    deadline, seen = time.monotonic() + 30, ""
+    while time.monotonic() < deadline and seen != token:
+        _, seen = console(replica, f"{SQL} -c 'select x from notes_replicated' 2>/dev/null")
+        seen = seen.strip()
+        time.sleep(0.5)
+    assert seen == token, "the row written on the primary never reached the replica"
+
+    # The app host (the primary's, with no roles.app) reads through DATABASE_URL_READONLY:
+    # the replica answers, and refuses a write.
+    with_url = "set -a && . /opt/coachntt/.env.production && psql \"$DATABASE_URL_READONLY\" -AtX"
+    assert sh(primary, f"{with_url} -c 'select x from notes_replicated'").strip() == token
+    code, out = console(primary, f"{with_url} -c \"insert into notes_replicated values ('no')\"")
+    assert code != 0 and "read-only transaction" in out, out
+    assert sh(primary, f"{with_url} -c 'select pg_is_in_recovery()'").strip() == "t"
