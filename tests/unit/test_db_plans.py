@@ -159,3 +159,64 @@ def test_the_read_only_url_names_every_replica(defaults):
 
 def test_facts_lines_group_by_key():
     assert db.parse_facts("slot a\nslot b\nrole yes\n\n") == {"slot": ["a", "b"], "role": ["yes"]}
+
+
+# --- the task: every host planned before any change, the password never on a command line ---
+
+
+class Ops:
+    def __init__(self, settings, context):
+        self.settings, self.context = settings, context
+        self.dry = self.json = self.diff = False
+
+
+def hosts_for(defaults, fake_host, volume: str):
+    """The primary (also the app host) and the replica as FakeHosts answering every probe."""
+    rep = replication(defaults)
+    private: dict[str, str] = {}
+
+    class Host(fake_host):
+        def put_private(self, text, remote):
+            private[remote] = text
+
+    def answers(steps, values):
+        return {cmd: values[name] for step in steps for name, cmd in step.probes.items()}
+
+    primary_steps = [db.published_step(rep, "10.201.0.20", ""), db.password_step(rep), db.replication_step(rep),
+                     db.readonly_url_step(rep)]
+    replica_steps = [db.copy_step(rep, rep.replicas[0], "x"), db.published_step(rep, "10.201.0.21", ""),
+                     db.streaming_step(rep)]
+    primary = Host(answers(primary_steps, {"port": ("127.0.0.1:5432", 0), "password": ("no", 0),
+                                           "db": ("recovery f\nrole no\nkeep -1", 0), "url": ("differs", 0)}),
+                   replies={"s/^REPLICATION_PASSWORD=//p": (0, "0123456789abcdef0123\n", "")}, label=PRIMARY)
+    replica = Host(answers(replica_steps, {"volume": (volume, 0), "image": ("coachntt/postgres:17-trixie", 0),
+                                           "port": ("", 1), "db": ("", 1)}), label=REPLICA)
+    return {PRIMARY: primary, REPLICA: replica}, private
+
+
+def run_replica(defaults, monkeypatch, hosts):
+    defaults["roles"] = {"app": [], "lb": "", "db": PRIMARY, "replica": [REPLICA]}
+    monkeypatch.setattr(db, "connect_to", lambda _c, _s, login: hosts[login])
+    db.replica.body.__wrapped__(Ops(Settings("production", defaults), context=object()))
+
+
+def test_a_replica_with_its_own_database_stops_the_run_before_any_host_changes(defaults, fake_host, monkeypatch):
+    hosts, private = hosts_for(defaults, fake_host, "database")
+    with pytest.raises(OpsError, match="holds a database of its own"):
+        run_replica(defaults, monkeypatch, hosts)
+    assert [h.changes_sent for h in hosts.values()] == [[], []] and private == {}
+
+
+def test_the_password_reaches_the_replica_as_a_private_file_the_copy_reads(defaults, fake_host, monkeypatch, capsys):
+    hosts, private = hosts_for(defaults, fake_host, "empty")
+    run_replica(defaults, monkeypatch, hosts)
+    ((path, password),) = private.items()
+    assert password == "0123456789abcdef0123"
+    (copy,) = [c for c in hosts[REPLICA].changes_sent if " db-replication copy " in c]
+    assert copy.endswith(f" {path}") or f" {path}\n" in copy
+    sent = [c for h in hosts.values() for c in h.sent]
+    assert not [c for c in sent if password in c]
+    assert password not in capsys.readouterr().out
+    # The primary first (published, password, replication), then the replica, then the app host.
+    assert [c.split(" db-replication ", 1)[1].split()[0] for c in hosts[PRIMARY].changes_sent
+            if " db-replication " in c] == ["publish", "password", "grant", "readonly-url"]
