@@ -6,7 +6,11 @@ Runbook:
                                  the live api slot's /health 200, PostgreSQL accepting connections,
                                  PgBouncer answering, every compose service running and
                                  healthy, disk free, memory used, CPU sustained,
-                                 certificate days left, age of the newest good backup.
+                                 certificate days left, age of the newest good backup;
+                                 with roles.replica, streaming replication where the
+                                 database runs (primary: every replica streaming, lag
+                                 within thresholds.replication_lag_seconds_max; standby:
+                                 its own stream and lag; no row on a host without it).
                                  A table for people (colour only on a terminal), one
                                  JSON object per check with --json; exit 1 when any
                                  check fails, each failure with its remedy. Thresholds
@@ -58,7 +62,7 @@ def check(ops):
     """Every health threshold of the plan in one round trip; exit 1 if any check fails."""
     cfg = checks.CheckConfig.from_settings(ops.settings)
     started = time.monotonic()
-    found = checks.read(ops.target, cfg)
+    found = checks.read(ops.target, cfg, replication=cfg.replication)
     seconds = time.monotonic() - started
     counts = checks.counts(found)
     if ops.json:

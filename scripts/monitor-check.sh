@@ -7,7 +7,11 @@
 # process started is time waited.
 #
 #   monitor-check.sh MARKER INCLUDE PORT_B URL_A URL_B DB_CONTAINER DB_USER DB_NAME
-#                    PGBOUNCER_HOST PGBOUNCER_PORT APP_DIR CERT_FILE BACKUP_DIR CPU_SAMPLE_MS DISK_PATH...
+#                    PGBOUNCER_HOST PGBOUNCER_PORT APP_DIR CERT_FILE BACKUP_DIR CPU_SAMPLE_MS
+#                    [replication=yes|no] DISK_PATH...
+#
+# replication=yes adds the replication probe (the layout has replicas); without the word,
+# or with replication=no, it does not run. A DISK_PATH is absolute, so never that word.
 #
 # INCLUDE PORT_B URL_A URL_B: the live api slot, found by live_slot (scripts/live-slot.sh,
 # sent before this script): /health is asked on the port of the slot nginx sends requests to.
@@ -28,11 +32,20 @@
 #   backups      BACKUP_DIR's db_*.dump in backup-db.sh list's format; status 4 without the directory
 #   cpu          /proc/stat's "cpu" line before the probes and after them (at least
 #                CPU_SAMPLE_MS later), /proc/loadavg, "cpus N" and "window <ms>"
+#   replication  only with replication=yes: streaming replication as PostgreSQL in
+#                DB_CONTAINER reports it, one psql (the one process this script starts in a
+#                container). A primary: "primary <streaming replicas>", then per row of
+#                pg_stat_replication "replica <client_addr> <state> <replay_lag s> <bytes behind>";
+#                a standby: "standby <wal receiver status|none> <s since last replay> <bytes
+#                not replayed> <sender host|->". Status 0 read, 2 not running or psql failed,
+#                3 no such container (no database on this host: an app host of a layout)
 set -u
 export LC_ALL=C
 marker=$1 db=$6 db_user=$7 db_name=$8 pgb_host=$9 pgb_port=${10} app_dir=${11} cert=${12} backup_dir=${13} cpu_ms=${14}
 live_slot "$2" "$3" "$4" "$5"
 shift 14
+replication=no
+case ${1:-} in replication=*) replication=${1#replication=}; shift ;; esac
 disk_paths=("$@")
 work=$(mktemp -d) || exit 1
 trap 'rm -rf "$work"' EXIT
@@ -112,8 +125,38 @@ backups() {
         printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$size" "$mtime" "$sha" "$manifest" "${verified//$'\t'/ }"
     done
 }
+# Lags in whole seconds, 0 when nothing waits to be replayed (an idle primary writes nothing,
+# so the last replayed transaction grows old while the standby is current). One statement;
+# CASE keeps pg_current_wal_lsn(), which fails during recovery, off a standby's rows.
+replication() {
+    local answer
+    if ! answer=$(timeout 5 docker exec -i "$db" psql -AtX -v ON_ERROR_STOP=1 -U "$db_user" -d "$db_name" 2>&1 <<'SQL'
+SELECT line FROM (
+    SELECT 0 AS n, CASE WHEN pg_is_in_recovery() THEN concat_ws(' ', 'standby',
+            coalesce((SELECT status FROM pg_stat_wal_receiver), 'none'),
+            CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
+                 ELSE coalesce(greatest(round(extract(epoch FROM now() - pg_last_xact_replay_timestamp())), 0), 0) END,
+            coalesce(greatest(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0), 0),
+            coalesce((SELECT sender_host FROM pg_stat_wal_receiver), '-'))
+        ELSE 'primary ' || (SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming') END AS line
+    UNION ALL
+    SELECT 1, concat_ws(' ', 'replica', coalesce(host(client_addr), 'local'), state,
+            coalesce(round(extract(epoch FROM replay_lag)), 0),
+            CASE WHEN pg_is_in_recovery() THEN '-'
+                 ELSE coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::text, '-') END)
+        FROM pg_stat_replication WHERE NOT pg_is_in_recovery()
+) AS facts ORDER BY n, line;
+SQL
+    ); then
+        case $answer in *"No such container"*) echo "no container $db"; return 3 ;; esac
+        echo "${answer%%$'\n'*}"
+        return 2
+    fi
+    printf '%s\n' "$answer"
+}
 
 probes=(health database pgbouncer services disk memory certificate backups)
+[ "$replication" = yes ] && probes+=(replication)
 read -r cpu_first < /proc/stat
 started=$EPOCHREALTIME
 for name in "${probes[@]}"; do

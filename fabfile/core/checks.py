@@ -12,6 +12,9 @@ read, so every rule and remedy is tested as data.
     cpu             busy share over the sample window AND load per CPU over 1 minute: sustained
     certificate     days left on the certificate ssl.issue obtains (core/certificates.FULLCHAIN)
     backup age      the newest good database backup (db_*.dump with its .sha256, not failed)
+    replication     only when roles.replica names hosts, and only where the database container
+                    runs: on the primary every replica streaming within the lag, on a standby
+                    its own stream and lag (the one probe that starts a process in a container)
 
 A check passes, warns (shown, exit 0) or fails (exit 1); every check that does
 not pass carries the plan's remedy.
@@ -24,10 +27,10 @@ import re
 import secrets
 import shlex
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 
-from . import backups, certificates, slots
+from . import backups, certificates, layout, slots
 from .batch import ProbeResult, parse_batch
 from .settings import Settings
 from .target import Target, command_failed
@@ -35,8 +38,10 @@ from .target import Target, command_failed
 SCRIPT = "monitor-check.sh"
 PASS, WARN, FAIL = "pass", "warn", "fail"
 PROBES = ("now", "health", "database", "pgbouncer", "services", "disk", "memory", "certificate", "backups", "cpu")
+REPLICATION = "replication"  # a probe run only when asked: command(..., replication=True)
 # monitor-check.sh's own statuses
 NO_CERTIFICATE, NO_BACKUP_DIR = 3, 4
+NO_DB_CONTAINER = 3  # the replication probe's: no database on this host
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,13 @@ class CheckConfig:
     certificate_days_min: int
     certificate_missing: str
     backup_age_hours_max: int
+    replicas: tuple[str, ...]  # roles.replica
+    replication_lag_seconds_max: int
+
+    @property
+    def replication(self) -> bool:
+        """The layout has replicas: only then is PostgreSQL asked about replication."""
+        return bool(self.replicas)
 
     @classmethod
     def from_settings(cls, s: Settings) -> CheckConfig:
@@ -80,23 +92,34 @@ class CheckConfig:
             certificate_days_min=number("thresholds.certificate_days_min"),
             certificate_missing=s.require("monitor.certificate_missing"),
             backup_age_hours_max=number("thresholds.backup_age_hours_max"),
+            replicas=tuple(layout.role_hosts(s.get("roles") or {}).get("replica", [])),
+            replication_lag_seconds_max=number("thresholds.replication_lag_seconds_max"),
         )
 
 
-def command(cfg: CheckConfig, marker: str) -> str:
-    """The one command monitor.check sends: scripts/monitor-check.sh with every value quoted."""
+def command(cfg: CheckConfig, marker: str, *, replication: bool = False) -> str:
+    """The one command monitor.check sends: scripts/monitor-check.sh with every value quoted;
+    the replication probe only with `replication`."""
     host, _, port = cfg.pgbouncer.rpartition(":")
     args = [marker, *cfg.health.args(), cfg.db_container, cfg.db_user, cfg.db_name, host, port, cfg.app_dir,
-            cfg.cert_file, cfg.backup_dir, str(cfg.cpu_sample_ms), *cfg.disk_paths]
+            cfg.cert_file, cfg.backup_dir, str(cfg.cpu_sample_ms), f"replication={'yes' if replication else 'no'}",
+            *cfg.disk_paths]
     return f"bash -c {shlex.quote(slots.with_live_slot(SCRIPT))} monitor-check " + " ".join(shlex.quote(a) for a in args)
 
 
-def read(target: Target, cfg: CheckConfig) -> list[Check]:
-    """Every check on `target`: one command (scripts/monitor-check.sh), then the judgement."""
+def probes(replication: bool = False) -> tuple[str, ...]:
+    """The frames the script prints (`replication` as command's)."""
+    return (*PROBES, REPLICATION) if replication else PROBES
+
+
+def read(target: Target, cfg: CheckConfig, *, replication: bool = False) -> list[Check]:
+    """Every check on `target`: one command (scripts/monitor-check.sh), then the judgement.
+    monitor.check asks for replication when the layout has replicas; a release's verify
+    does not (a replica's lag says nothing of the release, and must not roll it back)."""
     marker = "@@coachntt-" + secrets.token_hex(8)
-    result = target.run(command(cfg, marker), check=False)
+    result = target.run(command(cfg, marker, replication=replication), check=False)
     facts = parse_batch(result.stdout, marker)
-    if any(name not in facts for name in PROBES):
+    if any(name not in facts for name in probes(replication)):
         # The script itself died (no bash, sudo refused it): its text means nothing to the operator.
         raise command_failed(replace(result, stdout=""), target.label,
                              summary=f"the checks could not run on {target.label} (exit {result.exit_status})")
@@ -111,7 +134,7 @@ class Check:
     remedy: str = ""  # what to do, for anything but pass
     value: float | None = None  # the measured number, for machines
     limit: float | None = None  # the threshold it was held against
-
+    measured: Mapping[str, float] = field(default_factory=dict)  # more numbers, for machines (JSON keys)
 
 
 def remedies(cfg: CheckConfig, api: str = "api_a") -> dict[str, str]:
@@ -136,6 +159,7 @@ def remedies(cfg: CheckConfig, api: str = "api_a") -> dict[str, str]:
         "backup age": "`backup.now`, then check the backup timer (`backup.schedule`)",
         "no backup dir": "`deploy.setup` creates it (or fix backup.dir)",
         "missing path": "fix monitor.disk_paths: every path must exist on the server",
+        "replica log": f"read the replica's PostgreSQL log (`docker logs --tail 50 {cfg.db_container}` on it)",
     }
 
 
@@ -150,6 +174,7 @@ def evaluate(facts: Mapping[str, ProbeResult], cfg: CheckConfig) -> list[Check]:
     return [
         api_health(facts["health"], cfg, fix),
         database(facts["database"], cfg, fix),
+        *replication(facts.get(REPLICATION), cfg, fix),
         pgbouncer(facts["pgbouncer"], cfg, fix),
         services(facts["services"], cfg, fix, idle=cfg.health.other(live).service),
         *disks(facts["disk"], cfg, fix),
@@ -184,6 +209,58 @@ def database(fact: ProbeResult, cfg: CheckConfig, fix: dict[str, str]) -> Check:
         return Check("database", PASS, f"{cfg.db_container}: accepting connections")
     reason = said or {1: "rejecting connections", 2: "no response", 124: "no answer within 5s"}.get(fact.status, f"exit {fact.status}")
     return Check("database", FAIL, f"{cfg.db_container}: {reason}", fix["database"])
+
+
+def replication(fact: ProbeResult | None, cfg: CheckConfig, fix: dict[str, str]) -> list[Check]:
+    """No row when not asked, nor on a host without the database container (an app host of
+    the layout: the database row already says whether a database that should run does)."""
+    if fact is None or fact.status == NO_DB_CONTAINER:
+        return []
+    if not fact.ok:
+        return [Check(REPLICATION, FAIL, f"{cfg.db_container}: {_first_line(fact.stdout) or 'psql failed'}", fix["database"])]
+    rows = [line.split(maxsplit=4) for line in fact.lines if line.strip()]
+    head = rows[0] if rows else []
+    if len(head) == 2 and head[0] == "primary" and head[1].isdigit():
+        return [_primary(int(head[1]), [r for r in rows if len(r) == 5 and r[0] == "replica"], cfg, fix)]
+    if len(head) == 5 and head[0] == "standby":
+        return [_standby(head[1], _float(head[2]), _int(head[3]) or 0, head[4], cfg, fix)]
+    return [Check(REPLICATION, FAIL, f"cannot read the replication state of {cfg.db_container}", fix["database"])]
+
+
+def _primary(streaming: int, replicas: list[list[str]], cfg: CheckConfig, fix: dict[str, str]) -> Check:
+    """Rows: replica <client_addr> <state> <replay lag s> <bytes behind>. Every replica of
+    roles.replica streaming (more is fine), none lagging past the threshold."""
+    lag = max((_float(r[3]) for r in replicas), default=0.0)
+    behind = max((_int(r[4]) or 0 for r in replicas), default=0)
+    limit, expected = cfg.replication_lag_seconds_max, len(cfg.replicas)
+    shown = f"{streaming} of {expected} streaming, lag {lag:g} s / {_bytes(behind)} (max {limit} s)"
+    measured = {"streaming": streaming, "replicas": expected, "lag_seconds": lag, "lag_bytes": behind}
+    remedy = ""
+    if streaming < expected:
+        # Named by address where client_addr shows one; otherwise (host names, NAT) every replica.
+        seen = {r[1] for r in replicas if r[2] == "streaming"}
+        missing = [h for h in cfg.replicas if (login := layout.parse_login(h)) is None or login.host not in seen]
+        remedy = f"run `fab -H {','.join(missing or cfg.replicas)} db.replica`, then " + fix["replica log"]
+    elif lag > limit:
+        slow = sorted({r[1] for r in replicas if _float(r[3]) > limit})
+        shown += f"; behind: {', '.join(slow)}"
+        remedy = fix["replica log"] + ", its disk I/O and the network between the two"
+    return Check(REPLICATION, FAIL if remedy else PASS, f"primary: {shown}", remedy, lag, limit, measured)
+
+
+def _standby(status: str, lag: float, behind: int, sender: str, cfg: CheckConfig, fix: dict[str, str]) -> Check:
+    limit = cfg.replication_lag_seconds_max
+    source = "no primary" if sender == "-" else f"from {sender}"
+    shown = f"standby {status} {source}, lag {lag:g} s / {_bytes(behind)} (max {limit} s)"
+    measured = {"lag_seconds": lag, "lag_bytes": behind}
+    remedy = ""
+    if status != "streaming":
+        remedy = (f"read this replica's PostgreSQL log (`docker logs --tail 50 {cfg.db_container}`) and check the primary "
+                  "is up; `db.replica` on this host sets streaming up again")
+    elif lag > limit:
+        remedy = (f"read this replica's PostgreSQL log (`docker logs --tail 50 {cfg.db_container}`), its disk I/O and "
+                  "the network to the primary")
+    return Check(REPLICATION, FAIL if remedy else PASS, shown, remedy, lag, limit, measured)
 
 
 def pgbouncer(fact: ProbeResult, cfg: CheckConfig, fix: dict[str, str]) -> Check:
@@ -359,7 +436,8 @@ def table(checks: list[Check], *, colour: bool = False) -> list[str]:
 
 def json_lines(checks: list[Check], host: str) -> list[str]:
     """One JSON object per check (the tool's --json convention: one object per line)."""
-    return [json.dumps({"host": host, "check": c.name, **{k: v for k, v in asdict(c).items() if k != "name"}})
+    return [json.dumps({"host": host, "check": c.name,
+                        **{k: v for k, v in asdict(c).items() if k not in ("name", "measured")}, **c.measured})
             for c in checks]
 
 
@@ -401,6 +479,14 @@ def _first_line(text: str) -> str:
 def _size(kib: int) -> str:
     gib = kib / (1024 * 1024)
     return f"{gib:.1f} GiB" if gib >= 1 else f"{kib / 1024:.0f} MiB"
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
 
 
 def _age(hours: float) -> str:

@@ -361,6 +361,7 @@ RULES: dict[str, Rule] = {
     "thresholds.cpu_percent_max": _PERCENT,
     "thresholds.certificate_days_min": Rule("a whole number of days from 0 to 365", _whole_number(0, 365)),
     "thresholds.backup_age_hours_max": Rule("a whole number of hours from 1 to 8760", _whole_number(1, 8760)),
+    "thresholds.replication_lag_seconds_max": Rule("a whole number of seconds from 1 to 86400", _whole_number(1, 86400)),
     "thresholds.error_rate_percent_max": Rule("a whole number from 0 to 100", _whole_number(0, 100)),
     "thresholds.error_rate_min_requests": Rule("a whole number from 1 to 1000000", _whole_number(1, 1000000)),
     "thresholds.health_grace_seconds": Rule("a whole number of seconds from 0 to 3600", _whole_number(0, 3600)),

@@ -282,7 +282,7 @@ def test_the_command_is_the_script_with_every_value_as_one_word(cfg):
     assert words[3:] == ["monitor-check", "@@m", "/etc/nginx/coachntt/api-upstream.conf", "8002",
                          "http://127.0.0.1:8000/health", "http://127.0.0.1:8002/health", "ccp_postgres", "coachntt",
                          "coachntt_prod", "127.0.0.1", "6432", "/opt/coachntt",
-                         "/etc/letsencrypt/live/coachntt/fullchain.pem", "/backups", "100", "/", "/srv/a b"]
+                         "/etc/letsencrypt/live/coachntt/fullchain.pem", "/backups", "100", "replication=no", "/", "/srv/a b"]
 
 
 @pytest.mark.parametrize("env,words", [
