@@ -93,7 +93,14 @@ def test_fail2ban_bans_a_client_after_repeated_failed_logins(vps_factory):
         ssh(host, "true", user="nosuchuser")
         time.sleep(2)
     assert "10.201.0.1" in banned, banned
+    # fail2ban lists the ban before its action (`ufw insert`, a Python program) has run:
+    # on a loaded machine the rule lands a few seconds later.
+    deadline = time.monotonic() + 30
+    while port_open(host.ip, 22) and time.monotonic() < deadline:
+        time.sleep(1)
     assert not port_open(host.ip, 22), "a banned client must not reach sshd"
+    _, rules = console(host, "ufw status")
+    assert "10.201.0.1" in rules and ("REJECT" in rules or "DENY" in rules), rules
 
 
 def test_secure_runs_on_the_server_itself_under_inv(vps_factory):
