@@ -257,3 +257,12 @@ def test_a_replica_streams_the_primarys_rows_and_the_app_reads_them_read_only(fi
     code, out = console(primary, f"{with_url} -c \"insert into notes_replicated values ('no')\"")
     assert code != 0 and "read-only transaction" in out, out
     assert sh(primary, f"{with_url} -c 'select pg_is_in_recovery()'").strip() == "t"
+
+    # monitor.check on both: the primary counts its streaming replica, the standby its lag.
+    checked, _ = fab_many([primary, replica], "monitor.check", "--json", env=env)
+    _, found, _ = records_by_host(checked.stdout)
+    rows = {r["host"]: r for r in found if r["check"] == "replication"}
+    on_primary, on_replica = rows[f"root@{primary.ip}"], rows[f"root@{replica.ip}"]
+    assert on_primary["status"] == "pass" and on_primary["streaming"] == 1, on_primary
+    assert on_replica["status"] == "pass" and "streaming" in on_replica["detail"], on_replica
+    assert isinstance(on_replica["lag_seconds"], int | float) and on_replica["lag_bytes"] >= 0, on_replica
