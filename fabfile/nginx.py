@@ -29,7 +29,7 @@ import shlex
 
 from invoke import Collection
 
-from .core import certificates, remote, slots, templates
+from .core import balancer, certificates, layout, remote, slots, templates
 from .core.batch import ProbeResult, gather
 from .core.errors import OpsError
 from .core.fleet import CHANGES
@@ -70,9 +70,11 @@ def http2_directive(nginx_v: ProbeResult) -> bool:
     return not found or tuple(int(part) for part in found.groups()) >= HTTP2_DIRECTIVE_SINCE
 
 
-def render_site(settings, facts: Facts) -> str:
-    """The site file for these facts: TLS for each site the `coachntt` certificate names. Pure."""
+def render_site(settings, facts: Facts, balancing: balancer.Balancing | None = None) -> str:
+    """The site file for these facts: TLS for each site the `coachntt` certificate names;
+    on an app host behind the load balancer, the server the lb alone reaches. Pure."""
     certificate = certificates.parse_certificate(facts["certificate"])
+    private = {"port": balancing.port, "lb": balancing.lb} if balancing and balancing.role == balancer.APP else None
     return templates.render(
         "nginx/coachntt.conf.j2",
         sites=[{**site, "tls": bool(certificate and certificate.covers(site["domain"]))} for site in site_settings(settings)],
@@ -86,12 +88,24 @@ def render_site(settings, facts: Facts) -> str:
         maintenance_dir=slots.UPSTREAM_DIR,
         maintenance_page=slots.MAINTENANCE_PAGE,
         retry_after=int(settings.require("cutover.retry_after")),
+        private=private,
     )
 
 
-def upstream_step(settings) -> Step:
+def balancing_here(ops) -> balancer.Balancing | None:
+    """This host's part in the layout's load balancing (lb, app behind it), or None."""
+    members = layout.check(ops.settings.get("roles") or {})
+    return balancer.balancing(members, getattr(ops.context, "host", None), getattr(ops.context, "port", 22),
+                              int(ops.settings.require("lb.backend_port")))
+
+
+def upstream_step(settings, balancing: balancer.Balancing | None = None) -> Step:
     """The api slot include: created (naming slot a, the first release's slot) only when
-    missing. Once there, deploy and rollback own it: rewriting it here would move traffic."""
+    missing. Once there, deploy and rollback own it: rewriting it here would move traffic.
+    On the load balancer it names the app hosts instead, and `nginx` keeps it in step with roles.app."""
+    if balancing is not None and balancing.role == balancer.LB:
+        content = balancer.render_upstream(balancing, slots.UPSTREAM, fail_timeout=int(settings.require("lb.fail_timeout")))
+        return remote.file_step("api upstream", slots.UPSTREAM_FILE, content, validate="nginx -t -q", then=remote.RELOAD_NGINX)
     first = slots.Slot("a", int(settings.require("cutover.port_a")))
 
     def plan(facts: Facts) -> Plan:
@@ -115,14 +129,14 @@ def shutdown_step(settings) -> Step:
     return remote.file_step("old workers bounded", SHUTDOWN_FILE, content, validate="nginx -t -q", then=remote.RELOAD_NGINX)
 
 
-def site_step(settings) -> Step:
+def site_step(settings, balancing: balancer.Balancing | None = None) -> Step:
     # A missing domain, upstream or rate setting is refused now, before any connection.
     site_settings(settings), settings.require("rate_limit.rate"), settings.require("rate_limit.burst")
     settings.require("cutover.retry_after")
 
     def plan(facts: Facts) -> Plan:
         # A site gets TLS once the certificate names it (ssl.issue puts it there).
-        rendered = render_site(settings, facts)
+        rendered = render_site(settings, facts, balancing)
         return remote.file_step("site config", SITE_FILE, rendered, validate="nginx -t -q", then=remote.RELOAD_NGINX).plan(facts)
 
     return Step(
@@ -130,6 +144,21 @@ def site_step(settings) -> Step:
         probes={**remote.file_probes(SITE_FILE), "certificate": certificates.CERTIFICATE_PROBE, "nginx_version": "nginx -v 2>&1"},
         plan=plan,
     )
+
+
+def lb_firewall_step(balancing: balancer.Balancing) -> Step:
+    """An app host behind the load balancer: ufw lets the lb (only) reach its port."""
+    shown = re.compile(rf"^{balancing.port}/tcp\s+ALLOW(?: IN)?\s+{re.escape(balancing.lb)}\b", re.MULTILINE)
+
+    def plan(facts: Facts) -> Plan:
+        if "Status: active" not in facts["ufw"].stdout:
+            return Plan.ok("ufw is not active: nothing to open")
+        if shown.search(facts["ufw"].stdout):
+            return Plan.ok(f"ufw lets {balancing.lb} reach port {balancing.port}")
+        rule = balancer.firewall_rule(balancing)
+        return Plan.change(Change(f"ufw allow {rule}", f"ufw allow {rule} comment 'coachntt load balancer'"))
+
+    return Step("load balancer let in", probes={"ufw": "ufw status"}, plan=plan)
 
 
 def default_site_step() -> Step:
@@ -188,8 +217,12 @@ def install(ops):
     # The distribution's default site goes first: it claims default_server on :80 too.
     # Every step's facts are read and planned before any applies: a foreign listener stops it all.
     # The include the site file names exists before the site is tested.
-    steps = [web_ports_step(), default_site_step(), upstream_step(ops.settings), maintenance_page_step(),
-             shutdown_step(ops.settings), site_step(ops.settings), remote.service_step("nginx running", "nginx")]
+    # In a layout with a load balancer: its upstream on the lb host, its way in on app hosts.
+    balancing = balancing_here(ops)
+    steps = [web_ports_step(), default_site_step(), upstream_step(ops.settings, balancing), maintenance_page_step(),
+             shutdown_step(ops.settings), site_step(ops.settings, balancing), remote.service_step("nginx running", "nginx")]
+    if balancing is not None and balancing.role == balancer.APP:
+        steps.insert(-1, lb_firewall_step(balancing))
     ops.run_steps(steps)
 
 
