@@ -24,6 +24,8 @@ import pytest
 
 from fabfile import sandbox
 from fabfile.sandbox import images
+from fabfile.sandbox.load import Load
+from fabfile.sandbox.network import port_open
 from opsrun import BIN, OVERRIDE, PROJECT_DIR, console, json_lines, one_line
 
 HOSTS = 5
@@ -266,3 +268,62 @@ def test_a_replica_streams_the_primarys_rows_and_the_app_reads_them_read_only(fi
     assert on_primary["status"] == "pass" and on_primary["streaming"] == 1, on_primary
     assert on_replica["status"] == "pass" and "streaming" in on_replica["detail"], on_replica
     assert isinstance(on_replica["lag_seconds"], int | float) and on_replica["lag_bytes"] >= 0, on_replica
+
+
+# --- the load balancer: an lb host in front of two app hosts ------------------------------
+
+LB_ENV = {"COACHNTT_RATE_LIMIT__RATE": "2000r/s", "COACHNTT_RATE_LIMIT__BURST": "4000"}
+
+
+def api_standin(host) -> None:
+    """What answers on the api's slot port: /health naming its host (as `version`, the field
+    sandbox.load reads), so the answers say which app host served them."""
+    put(host, "/srv/api-standin/health", f'{{"status": "ok", "version": "{host.name}"}}'.encode())
+    sh(host, "systemd-run --unit=api-standin --property=Restart=always "
+             "python3 -m http.server --bind 127.0.0.1 --directory /srv/api-standin 8000 >/dev/null && "
+             "for i in $(seq 50); do curl -sf -o /dev/null http://127.0.0.1:8000/health && exit 0; sleep 0.2; done; exit 1")
+
+
+@pytest.fixture(scope="module")
+def balanced(vps_factory_module):
+    """An lb host and two app hosts, `nginx` run on all three with the layout's roles; the
+    app hosts' ufw on (SSH allowed), so only what `nginx` opens for the lb gets through."""
+    with ThreadPoolExecutor(3) as pool:
+        lb, *apps = list(pool.map(lambda _: vps_factory_module(flavour="provisioned"), range(3)))
+    for app in apps:
+        api_standin(app)
+        sh(app, "ufw allow 22/tcp >/dev/null && ufw --force enable >/dev/null")
+    env = {**LB_ENV, "COACHNTT_ROLES__LB": f"root@{lb.ip}", "COACHNTT_ROLES__APP": ",".join(f"root@{a.ip}" for a in apps)}
+    result, _ = fab_many([lb, *apps], "nginx", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return lb, apps, env
+
+
+def test_the_lb_sends_requests_to_every_app_host_and_only_it_reaches_them(balanced):
+    lb, apps, env = balanced
+    with Load(lb.ip, workers=2, limit=40, seconds=30) as load:
+        while load.sent < 40 and time.monotonic() - load.began < 30:
+            time.sleep(0.2)
+    assert not load.failed(), load.failed()[:3]
+    assert set(load.versions()) == {a.name for a in apps}, load.versions()
+    # This machine is not the lb: ufw on the app hosts does not let it reach their lb port.
+    assert not port_open(apps[0].ip, 8080)
+    # A second run changes nothing on any host.
+    again, _ = fab_many([lb, *apps], "nginx", env=env)
+    assert again.returncode == 0 and not re.search(r"^\s+changed ", again.stdout, re.MULTILINE), again.stdout
+
+
+def test_an_app_host_that_fails_is_passed_over_without_a_failed_request(balanced):
+    lb, apps, _ = balanced
+    down, up = apps
+    with Load(lb.ip, workers=2, limit=200, seconds=60) as load:
+        while load.sent < 30:
+            time.sleep(0.1)
+        sh(down, "systemctl stop api-standin")  # its nginx now answers 502: the lb retries the other host
+        stopped_at = time.monotonic() - load.began
+        while load.sent < 200 and time.monotonic() - load.began < 60:
+            time.sleep(0.2)
+    api_standin(down)  # a transient unit is gone once stopped: a new one
+    assert load.sent == 200 and not load.failed(), load.failed()[:3]
+    after = [a.version for a in load.ordered if a.at > stopped_at + 1]
+    assert after and set(after) == {up.name}, set(after)
