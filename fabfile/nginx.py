@@ -104,8 +104,7 @@ def upstream_step(settings, balancing: balancer.Balancing | None = None) -> Step
     missing. Once there, deploy and rollback own it: rewriting it here would move traffic.
     On the load balancer it names the app hosts instead, and `nginx` keeps it in step with roles.app."""
     if balancing is not None and balancing.role == balancer.LB:
-        content = balancer.render_upstream(balancing, slots.UPSTREAM, fail_timeout=int(settings.require("lb.fail_timeout")))
-        return remote.file_step("api upstream", slots.UPSTREAM_FILE, content, validate="nginx -t -q", then=remote.RELOAD_NGINX)
+        return lb_upstream_step(settings, balancing)
     first = slots.Slot("a", int(settings.require("cutover.port_a")))
 
     def plan(facts: Facts) -> Plan:
@@ -115,6 +114,22 @@ def upstream_step(settings, balancing: balancer.Balancing | None = None) -> Step
         return Plan.change(Change(f"create {slots.UPSTREAM_FILE} (api -> {first}, before the first release)", write))
 
     return Step("api upstream", probes={"include": f"test -f {slots.UPSTREAM_FILE}"}, plan=plan)
+
+
+def lb_upstream_step(settings, balancing: balancer.Balancing, *, out: frozenset[str] | None = None,
+                     name: str = "api upstream") -> Step:
+    """The lb's include naming the app hosts. Hosts taken out stay out (read from the file)
+    unless `out` says which are out now (lb.out, lb.in)."""
+    fail_timeout = int(settings.require("lb.fail_timeout"))
+
+    def plan(facts: Facts) -> Plan:
+        down = out if out is not None else balancer.taken_out(facts["content"].stdout if facts["content"].ok else "")
+        content = balancer.render_upstream(balancing, slots.UPSTREAM, fail_timeout=fail_timeout,
+                                           down=frozenset(down) & set(balancing.apps))
+        return remote.file_step(name, slots.UPSTREAM_FILE, content, validate="nginx -t -q",
+                                then=remote.RELOAD_NGINX).plan(facts)
+
+    return Step(name, probes=remote.file_probes(slots.UPSTREAM_FILE), plan=plan)
 
 
 def maintenance_page_step() -> Step:

@@ -18,6 +18,7 @@ Pure: no connection.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from . import templates
@@ -59,10 +60,19 @@ def private_address(member: Member, role: str) -> str:
                           "name the lb and app hosts by their private addresses in roles.*") from None
 
 
-def render_upstream(b: Balancing, upstream: str, *, fail_timeout: int) -> str:
-    """The lb's api upstream include: every app host, on the port it listens on for the lb."""
+def render_upstream(b: Balancing, upstream: str, *, fail_timeout: int, down: frozenset[str] = frozenset()) -> str:
+    """The lb's api upstream include: every app host, on the port it listens on for the lb;
+    those in `down` marked so (taken out: no new requests)."""
     return templates.render("nginx/lb-upstream.conf.j2", upstream=upstream, servers=b.apps, port=b.port,
-                            fail_timeout=fail_timeout, tries=len(b.apps))
+                            fail_timeout=fail_timeout, tries=len(b.apps), down=down)
+
+
+_DOWN = re.compile(r"^\s*server ([0-9.]+):\d+ [^;]*\bdown;", re.MULTILINE)
+
+
+def taken_out(include: str) -> frozenset[str]:
+    """The app hosts the lb's include marks `down` (read back, so `nginx` keeps them)."""
+    return frozenset(_DOWN.findall(include))
 
 
 def firewall_rule(b: Balancing) -> str:

@@ -327,3 +327,39 @@ def test_an_app_host_that_fails_is_passed_over_without_a_failed_request(balanced
     assert load.sent == 200 and not load.failed(), load.failed()[:3]
     after = [a.version for a in load.ordered if a.at > stopped_at + 1]
     assert after and set(after) == {up.name}, set(after)
+
+
+def test_an_app_host_taken_out_gets_no_new_requests_and_comes_back_only_when_it_answers(balanced):
+    lb, (first, second), env = balanced
+    with Load(lb.ip, workers=2, limit=300, seconds=90) as load:
+        while load.sent < 20:
+            time.sleep(0.1)
+        taken, _ = fab_many([lb], "lb.out", "--host", first.ip, env=env)
+        after_out = time.monotonic() - load.began
+        while load.sent < 150 and time.monotonic() - load.began < 90:
+            time.sleep(0.2)
+    assert taken.returncode == 0, taken.stdout + taken.stderr
+    assert not load.failed(), load.failed()[:3]
+    assert {a.version for a in load.answers if a.at > after_out} == {second.name}
+
+    status, _ = fab_many([lb], "lb.status", env=env)
+    assert status.returncode == 0 and re.search(rf"{re.escape(first.ip)}\s+out\s+/health 200", status.stdout), status.stdout
+    # `nginx` keeps it out; the last host in is never taken out.
+    kept, _ = fab_many([lb, first, second], "nginx", env=env)
+    assert kept.returncode == 0 and not re.search(r"^\s+changed ", kept.stdout, re.MULTILINE), kept.stdout
+    last, _ = fab_many([lb], "lb.out", "--host", second.ip, env=env)
+    assert last.returncode == 1
+    one_line(last, "last app host in the load balancer")
+
+    # Back in only when it answers the lb.
+    sh(first, "systemctl stop api-standin")
+    refused, _ = fab_many([lb], "lb.in", "--host", first.ip, env=env)
+    assert refused.returncode == 1
+    one_line(refused, f"{first.ip} answers the load balancer 502", "stays out")
+    api_standin(first)
+    back, _ = fab_many([lb], "lb.in", "--host", first.ip, env=env)
+    assert back.returncode == 0, back.stdout + back.stderr
+    with Load(lb.ip, workers=2, limit=40, seconds=30) as load:
+        while load.sent < 40 and time.monotonic() - load.began < 30:
+            time.sleep(0.2)
+    assert not load.failed() and set(load.versions()) == {first.name, second.name}, load.versions()

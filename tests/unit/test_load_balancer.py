@@ -97,3 +97,37 @@ def test_ufw_is_opened_for_the_lb_alone_once():
     assert firewall("Status: active\n\n8080/tcp                   ALLOW       10.201.0.30\n").changes == ()
     assert firewall("Status: active\n\n8080/tcp                   ALLOW       10.201.0.99\n").changes != ()
     assert firewall("Status: inactive\n").changes == ()
+
+
+def test_a_host_taken_out_is_read_back_so_nginx_keeps_it_out(defaults):
+    b = here("10.201.0.30")
+    text = balancer.render_upstream(b, "coachntt_api", fail_timeout=10, down=frozenset({"10.201.0.31"}))
+    assert "server 10.201.0.31:8080 max_fails=1 fail_timeout=10s down;" in text
+    assert balancer.taken_out(text) == {"10.201.0.31"}
+    facts = {"content": ProbeResult(text.rstrip("\n"), 0), "meta": ProbeResult("644 root:root", 0)}
+    assert nginx.upstream_step(Settings("production", defaults), b).plan(facts).changes == ()
+    # lb.in: told which are out now, the mark goes.
+    (change,) = nginx.lb_upstream_step(Settings("production", defaults), b, out=frozenset()).plan(facts).changes
+    assert balancer.taken_out(written(change)) == frozenset()
+
+
+def test_lb_tasks_without_a_load_balancer_are_refused_before_connecting(defaults, monkeypatch):
+    from fabfile import load_balancer
+    from fabfile.core.errors import UsageError
+
+    monkeypatch.setattr(load_balancer, "connect_to", lambda *a: pytest.fail("connected"))
+    ops = type("Ops", (), {"settings": Settings("production", defaults), "context": None})()
+    with pytest.raises(UsageError, match="roles.lb and roles.app"):
+        load_balancer.the_lb(ops)
+
+
+def test_the_state_of_each_app_host_comes_from_the_include_and_the_lbs_own_request():
+    from fabfile import load_balancer
+    from fabfile.core.errors import OpsError
+
+    b = here("10.201.0.30")
+    include = balancer.render_upstream(b, "coachntt_api", fail_timeout=10, down=frozenset({"10.201.0.32"}))
+    facts = {"content": ProbeResult(include, 0), "health0": ProbeResult("200", 0), "health1": ProbeResult("", 7)}
+    assert load_balancer.states(facts, b) == {"10.201.0.31": ("in", "200"), "10.201.0.32": ("out", "000")}
+    with pytest.raises(OpsError, match="no api upstream"):
+        load_balancer.states({**facts, "content": ProbeResult("", 1)}, b)
