@@ -45,6 +45,7 @@ from invoke import Collection
 
 from . import backup as backup_task
 from . import deploy as deploy_task
+from . import rolling_release
 from .core import backups, checks, lock, redact, slots, state
 from .core import release_checklist as checklist
 from .core import watch as watching
@@ -369,6 +370,15 @@ def release(ops, sha="", message="", force=False, lock_wait=0):
     sha = validate_sha(sha)
     if not message.isprintable():
         raise UsageError("--message must be one line of text", "leave out newlines and control characters")
+    if rolling_release.applies(ops):
+        # Several app hosts behind the load balancer: each one out, released, back in.
+        rolling_release.roll(ops, sha, release_here, message=message, force=force, lock_wait=lock_wait)
+        return
+    release_here(ops, sha, message, force, lock_wait)
+
+
+def release_here(ops, sha="", message="", force=False, lock_wait=0) -> None:
+    """The checklist on the host `ops` works on."""
     app = App.from_settings(ops.settings)
     cfg = Config.from_settings(ops.settings)
     if ops.dry:

@@ -131,3 +131,39 @@ def test_the_state_of_each_app_host_comes_from_the_include_and_the_lbs_own_reque
     assert load_balancer.states(facts, b) == {"10.201.0.31": ("in", "200"), "10.201.0.32": ("out", "000")}
     with pytest.raises(OpsError, match="no api upstream"):
         load_balancer.states({**facts, "content": ProbeResult("", 1)}, b)
+
+
+# --- the rolling release: when it applies, what it needs before any connection -------------
+
+
+def rolling_ops(defaults, host=None, **roles):
+    defaults["roles"] = {"app": [], "lb": "", "db": "", "replica": [], **roles}
+    context = type("Context", (), {"host": host, "port": 22})()
+    return type("Ops", (), {"settings": Settings("production", defaults), "context": context, "json": False})()
+
+
+def test_a_release_rolls_only_with_an_lb_and_app_hosts_and_no_host_picked(defaults):
+    from fabfile import rolling_release
+
+    layout_roles = {"app": ROLES["app"], "lb": ROLES["lb"]}
+    assert rolling_release.applies(rolling_ops(defaults, **layout_roles))
+    assert not rolling_release.applies(rolling_ops(defaults, host="10.201.0.31", **layout_roles))  # -H: that host
+    assert not rolling_release.applies(rolling_ops(defaults, app=ROLES["app"]))  # no lb
+    assert not rolling_release.applies(rolling_ops(defaults))  # single VPS
+
+
+def test_a_roll_without_a_sha_is_refused_before_any_connection(defaults, monkeypatch):
+    from fabfile import load_balancer, rolling_release
+    from fabfile.core.errors import UsageError
+
+    monkeypatch.setattr(load_balancer, "connect_to", lambda *a: pytest.fail("connected"))
+    with pytest.raises(UsageError, match="needs --sha"):
+        rolling_release.roll(rolling_ops(defaults, app=ROLES["app"], lb=ROLES["lb"]), "", lambda *a, **k: None)
+
+
+def test_the_roll_failure_setting_is_keep_or_rollback(defaults):
+    from fabfile.core.settings import validate
+
+    defaults["release"]["roll_failure"] = "sometimes"
+    with pytest.raises(ConfigError, match="release.roll_failure"):
+        validate(Settings("production", defaults))
