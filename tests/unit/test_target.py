@@ -316,3 +316,43 @@ def test_refused_root_login_suggests_the_deploy_user(settings, mocker):
         RemoteTarget(fabric.Connection("root@203.0.113.25:2222"), settings)
     assert info.value.what == "authentication failed for root@203.0.113.25:2222"
     assert "root login is now off: continue with fab -H coachntt@203.0.113.25:2222" in info.value.hint
+
+
+# --- a secret for the host: a private file, never a command line ----------------------------
+
+
+def test_a_secret_goes_to_a_private_file_made_private_before_it_is_written(no_connect, settings, mocker):
+    connection = fabric.Connection("coachntt@203.0.113.7")
+    events = []
+
+    class File:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            events.append("closed")
+
+        def chmod(self, mode):
+            events.append(f"chmod {mode:o}")
+
+        def write(self, text):
+            events.append(f"write {text}")
+
+    sftp = mocker.Mock()
+    sftp.open.return_value = File()
+    mocker.patch.object(fabric.Connection, "sftp", return_value=sftp)
+    run = mocker.patch.object(connection, "run")
+    remote = RemoteTarget(connection, settings)
+    remote.put_private("s3cret-value", "/tmp/coachntt-ops.x.secret")
+    sftp.open.assert_called_once_with("/tmp/coachntt-ops.x.secret", "wx")  # never over an existing file
+    assert events == ["chmod 600", "write s3cret-value", "closed"]
+    run.assert_not_called()
+
+
+def test_a_local_secret_file_is_private_and_never_replaces_one(project_context, tmp_path):
+    local = LocalTarget(project_context)
+    path = tmp_path / "secret"
+    local.put_private("s3cret-value", str(path))
+    assert path.read_text() == "s3cret-value" and oct(path.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(FileExistsError):
+        local.put_private("other", str(path))
