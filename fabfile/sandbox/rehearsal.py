@@ -76,7 +76,10 @@ def fab(host: hosts.Host, user: str, *args: str, env: dict, expect: int = 0) -> 
     """Run one task like an operator would; stop the rehearsal on a surprise."""
     command = [str(Path(sys.executable).parent / "fab"), "-H", f"{user}@{host.ip}", "-i", str(host.key), *args]
     print(f"\n$ fab -H {user}@{host.ip} {' '.join(args)}", flush=True)
+    started = time.monotonic()
     result = subprocess.run(command, cwd=REPO_ROOT, env=env)
+    # Where the rehearsal's minutes go, command by command (benchmarks/README.md's breakdown).
+    print(f"  ({' '.join(args[:1])}: exit {result.returncode} in {time.monotonic() - started:.1f}s)", flush=True)
     if result.returncode != expect:
         raise SandboxError(f"`fab {' '.join(args)}` exited {result.returncode}, expected {expect}")
 
