@@ -6,8 +6,10 @@ is missing is done; a second run reports every step ok.
 
     on the primary (roles.db):
     1. published         the database container listens on the primary's address, port
-                         5432: DB_PUBLISH in app.dir/.env (the compose file publishes
-                         ${DB_PUBLISH:-127.0.0.1}:5432), PostgreSQL restarted once for it
+                         5432: DB_PUBLISH and DB_PUBLISH_PORT in app.dir/.env (the compose
+                         file publishes ${DB_PUBLISH:-127.0.0.1}:${DB_PUBLISH_PORT:-}:5432,
+                         loopback on a port Docker picks without them), PostgreSQL
+                         restarted once for it
     2. password          REPLICATION_PASSWORD in the app's env file, generated there once,
                          never printed
     3. replication       the role db.replication_user with that password, a physical slot
@@ -114,8 +116,8 @@ def published_step(rep: Replication, ip: str, what: str) -> Step:
     app, wanted = rep.app, f"{ip}:{PORT}"
     recreate = app.compose("up -d --wait --no-deps postgres")
     verify = (f"docker port {q(app.db_container)} {PORT}/tcp | grep -qxF {q(wanted)} || "
-              f"{{ echo 'the compose file does not publish ${{DB_PUBLISH}}:{PORT} for its postgres service "
-              f"(ports: [\"${{DB_PUBLISH:-127.0.0.1}}:{PORT}:{PORT}\"])' >&2; exit 1; }}")
+              f"{{ echo 'the compose file does not publish its postgres service on DB_PUBLISH "
+              f"(ports: [\"${{DB_PUBLISH:-127.0.0.1}}:${{DB_PUBLISH_PORT:-}}:{PORT}\"])' >&2; exit 1; }}")
 
     def plan(facts: Facts) -> Plan:
         if facts["port"].ok and wanted in facts["port"].stdout.split():

@@ -9,8 +9,8 @@
 #       "slot NAME", "hba USER ADDRESS" (replication lines), "keep SIZE", "recovery t|f",
 #       "receiver STATUS"
 #   db-replication.sh publish APP_DIR ADDRESS
-#       DB_PUBLISH=ADDRESS in APP_DIR/.env, the file compose reads for ${DB_PUBLISH}
-#       (the caller recreates the postgres service after it)
+#       DB_PUBLISH=ADDRESS and DB_PUBLISH_PORT=5432 in APP_DIR/.env, the file compose reads
+#       for them (the caller recreates the postgres service after it)
 #   db-replication.sh password ENV_FILE
 #       REPLICATION_PASSWORD in ENV_FILE, generated once (64 hex characters), mode kept
 #   db-replication.sh grant CONTAINER SUPERUSER DB ENV_FILE USER KEEP [SLOT=ADDRESS...]
@@ -68,7 +68,8 @@ SQL
 publish)
     app_dir=$1 address=$2
     set_env_line "$app_dir/.env" DB_PUBLISH "$address"
-    echo "DB_PUBLISH=$address in $app_dir/.env"
+    set_env_line "$app_dir/.env" DB_PUBLISH_PORT 5432
+    echo "DB_PUBLISH=$address, DB_PUBLISH_PORT=5432 in $app_dir/.env"
     ;;
 password)
     env_file=$1

@@ -66,7 +66,9 @@ def test_production_compose_follows_the_plan():
     assert compose["networks"]["coachntt"]["ipam"]["config"][0]["subnet"] == "172.20.0.0/16"
     for name, service in services.items():
         for port in service.get("ports", []):
-            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback (Docker bypasses ufw)"
+            # PostgreSQL: loopback unless db.replica sets DB_PUBLISH to the host's private address.
+            loopback = "${DB_PUBLISH:-127.0.0.1}:" if name == "postgres" else "127.0.0.1:"
+            assert port.startswith(loopback), f"{name} publishes {port} beyond loopback (Docker bypasses ufw)"
         assert service.get("user") not in (None, "root", "0"), f"{name} must run as a non-root user"
         assert service["env_file"] == ".env.production"
         assert "apparmor=docker-default" in service["security_opt"]
@@ -369,7 +371,10 @@ def test_ports_loopback_only_containers_non_root(stack):
     for port in ("8000", "8002", "6432"):
         assert f"127.0.0.1:{port} " in listening, listening
         assert f"0.0.0.0:{port} " not in listening and f"*:{port} " not in listening, listening
-    assert ":5432 " not in listening, "PostgreSQL must not be published on the host"
+    assert ":5432 " not in listening, "PostgreSQL is not on its well-known port on the host"
+    # Without DB_PUBLISH (db.replica), only on loopback, on a port Docker picks.
+    published = sh(stack.host, "docker port ccp_postgres 5432/tcp").split()
+    assert published and all(p.startswith("127.0.0.1:") for p in published), published
     for container in ("ccp_postgres", "coachntt-api_a-1", "coachntt-api_b-1", "coachntt-pgbouncer-1"):
         uid = sh(stack.host, f"docker exec {container} id -u").strip()
         assert uid != "0", f"{container} runs as root"

@@ -49,7 +49,7 @@ def test_db_publish_replaces_its_line_and_keeps_the_others(tmp_path):
     (tmp_path / ".env").write_text("COMPOSE_PROJECT_NAME=coachntt\nDB_PUBLISH=127.0.0.1\n")
     result = run(tmp_path, "publish", str(tmp_path), "10.201.0.20")
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / ".env").read_text() == "COMPOSE_PROJECT_NAME=coachntt\nDB_PUBLISH=10.201.0.20\n"
+    assert (tmp_path / ".env").read_text() == "COMPOSE_PROJECT_NAME=coachntt\nDB_PUBLISH=10.201.0.20\nDB_PUBLISH_PORT=5432\n"
 
 
 def test_the_read_only_url_is_database_url_with_the_replicas_and_read_only_sessions(tmp_path):
