@@ -49,16 +49,13 @@ from .core import redact, templates
 from .core.app import App
 from .core.errors import ConfigError, OpsError, UsageError
 from .core.layout import Member, check, parse_login
+from .core.remote import q
 from .core.steps import Change, Facts, Plan, Reporter, Step, apply_steps, plan_steps
 from .core.target import Target, connect_to
 from .core.task import ops_task
 
 SCRIPT = f"sh -c {shlex.quote(templates.script('db-replication.sh'))} db-replication"
 PORT = 5432
-
-
-def q(value: str) -> str:
-    return shlex.quote(value)
 
 
 class Replication:

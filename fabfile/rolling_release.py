@@ -27,13 +27,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fabric import Connection
-
 from . import load_balancer
 from .core import balancer, layout, redact
 from .core.batch import gather
 from .core.errors import OpsError, UsageError
-from .core.task import Ops
+from .core.task import Ops, ops_at
 from .rollback import rollback
 
 RELEASED, FAILED, ROLLED_BACK, NOT_STARTED = "released", "failed", "rolled back", "not started"
@@ -78,12 +76,8 @@ def roll(ops, sha: str, release_here: Callable[..., None], **release_args) -> No
     if ops.dry:
         # Each host's own plan from its facts; nothing is taken out, nothing changes.
         for host in hosts:
-            host_ops = Ops(Connection(host.login, config=ops.context.config.clone()), dry=True, json=ops.json,
-                           settings=ops.settings)
-            try:
+            with ops_at(ops.context, host.login, ops.settings, dry=True, json=ops.json) as host_ops:
                 release_here(host_ops, sha=sha, **release_args)
-            finally:
-                host_ops.finish()
         return
 
     stopped = None
@@ -119,12 +113,8 @@ def rollback_here(ops) -> None:
 def through_host(ops, host: HostRoll, work: Callable[[Ops], None]) -> None:
     """Out of the load balancer, `work` on the host, back in; a failure leaves it out."""
     load_balancer.move(ops, host.address, leaving=True)
-    host_ops = Ops(Connection(host.login, config=ops.context.config.clone()), json=ops.json, diff=ops.diff,
-                   settings=ops.settings)
-    try:
+    with ops_at(ops.context, host.login, ops.settings, json=ops.json, diff=ops.diff) as host_ops:
         work(host_ops)
-    finally:
-        host_ops.finish()
     load_balancer.move(ops, host.address, leaving=False)
 
 

@@ -100,6 +100,19 @@ class Ops:
             self._target.close()  # a connection kept for the run's later tasks stays open (core/target.py)
 
 
+@contextmanager
+def ops_at(c: Any, login: str, settings: settings_module.Settings, *, dry: bool = False, json: bool = False,
+           diff: bool = False) -> Iterator[Ops]:
+    """An `ops` for another host (user@host[:port]) with this run's SSH options and key,
+    finished (its summary, its connection kept for the run) when the block ends: a task
+    body run per host (core/fleet.py, a rolling release)."""
+    ops = Ops(Connection(login, config=c.config.clone()), dry=dry, json=json, diff=diff, settings=settings)
+    try:
+        yield ops
+    finally:
+        ops.finish()
+
+
 def ops_task(*args: Any, fleet: str | None = None, **kwargs: Any) -> Any:
     """Like @task, for bodies that take `ops` instead of a Context.
 
@@ -172,12 +185,8 @@ def run_fleet(c: Any, body: Callable[..., Any], kind: str, given: list[str] | No
             hosts = layout.hosts_given(given, members) if given is not None else members
 
             def on_host(member: layout.Member) -> None:
-                context = Connection(member.login.login, config=c.config.clone())
-                ops = Ops(context, dry=dry, json=json, diff=diff, settings=settings)
-                try:
+                with ops_at(c, member.login.login, settings, dry=dry, json=json, diff=diff) as ops:
                     body(ops, *args, **kwargs)
-                finally:
-                    ops.finish()
 
             results = fleets.run(hosts, on_host, parallel=int(settings.require(fleets.PARALLEL_SETTING[kind])))
     except KeyboardInterrupt as stop:
