@@ -1,15 +1,30 @@
-"""db: a read replica of the database, by PostgreSQL's own streaming replication.
+"""db: the database of a layout: one primary serving every app host, and read replicas
+of it by PostgreSQL's own streaming replication.
+
+Runbook (`fab db.primary` with roles.db and roles.app set). The single-VPS layout needs
+neither: its app reaches PostgreSQL on the compose network.
+    on the primary (roles.db):
+    1. published         the database container listens on the primary's private address,
+                         port 5432: DB_PUBLISH and DB_PUBLISH_PORT in app.dir/.env (the
+                         compose file publishes ${DB_PUBLISH:-127.0.0.1}:${DB_PUBLISH_PORT:-}:5432,
+                         loopback on a port Docker picks without them), PostgreSQL started
+                         or restarted once for it. Never a public address: Docker's ports
+                         bypass ufw
+    on each app host (roles.app, the primary's host aside):
+    2. database URL      DATABASE_URL in the env file is the primary's own, its host made
+                         the primary's address (compared by digest: it holds the password,
+                         which reaches the host as a file only its login reads). From then on
+                         that host's releases start no PostgreSQL of their own, back the
+                         database up on roles.db, and migrate it there (core/app.py reads
+                         where DATABASE_URL points); monitor.check's database row asks the
+                         primary, and leaves PgBouncer and the backups to the db host's rows
 
 Runbook (`fab db.replica` with roles.db and roles.replica set; `fab -H REPLICA db.replica`
 sets up that replica only). Each host's facts are read in one round trip, and only what
 is missing is done; a second run reports every step ok.
 
     on the primary (roles.db):
-    1. published         the database container listens on the primary's address, port
-                         5432: DB_PUBLISH and DB_PUBLISH_PORT in app.dir/.env (the compose
-                         file publishes ${DB_PUBLISH:-127.0.0.1}:${DB_PUBLISH_PORT:-}:5432,
-                         loopback on a port Docker picks without them), PostgreSQL
-                         restarted once for it
+    1. published         as db.primary's step 1
     2. password          REPLICATION_PASSWORD in the app's env file, generated there once,
                          never printed
     3. replication       the role db.replication_user with that password, a physical slot
@@ -36,8 +51,9 @@ can read, removed once used; pg_basebackup -R keeps it in the standby's own conf
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
-import posixpath
+import re
 import secrets
 import shlex
 from collections.abc import Callable
@@ -63,7 +79,7 @@ class Replication:
 
     def __init__(self, settings, members: list[Member]):
         self.app = App.from_settings(settings)
-        self.env_path = posixpath.join(self.app.dir, self.app.env_file)
+        self.env_path = self.app.env_path
         self.user = settings.require("db.replication_user")
         self.volume = settings.require("db.volume")
         self.keep = settings.require("db.wal_keep_max")
@@ -108,9 +124,9 @@ def parse_facts(text: str) -> dict[str, list[str]]:
 # --------------------------------------------------------------------------- steps
 
 
-def published_step(rep: Replication, ip: str, what: str) -> Step:
-    """The database container publishes IP:5432 (steps 1 and 5)."""
-    app, wanted = rep.app, f"{ip}:{PORT}"
+def published_step(app: App, ip: str, what: str) -> Step:
+    """The database container publishes IP:5432 (db.primary's step 1, db.replica's 1 and 5)."""
+    wanted = f"{ip}:{PORT}"
     recreate = app.compose("up -d --wait --no-deps postgres")
     verify = (f"docker port {q(app.db_container)} {PORT}/tcp | grep -qxF {q(wanted)} || "
               f"{{ echo 'the compose file does not publish its postgres service on DB_PUBLISH "
@@ -217,7 +233,61 @@ def readonly_url_step(rep: Replication) -> Step:
     return Step("read-only URL", probes={"url": f"{SCRIPT} readonly-url {q(env)} check {hosts}"}, plan=plan, sudo=False)
 
 
-# --------------------------------------------------------------------------- task
+def database_url_step(app: App, primary_ip: str, wanted_digest: str, secret_path: str) -> Step:
+    """DATABASE_URL in an app host's env file is the primary's, at its private address
+    (db.primary's step 2). Compared by digest: the URL holds the password."""
+    env = app.env_path
+
+    def plan(facts: Facts) -> Plan:
+        if facts["url"].stdout.strip() == wanted_digest:
+            return Plan.ok(f"DATABASE_URL in {env} names the primary ({primary_ip}:{PORT})")
+        return Plan.change(Change(f"DATABASE_URL in {env} -> the primary, {primary_ip}:{PORT} (read by the api at its "
+                                  "next start: the next release)", f"{SCRIPT} database-url {q(env)} {q(secret_path)}"))
+
+    probe = f"sed -n 's/^DATABASE_URL=//p' {q(env)} | tail -n 1 | sha256sum | cut -d ' ' -f 1"
+    return Step("database URL", probes={"url": probe}, plan=plan, sudo=False)
+
+
+def primary_url(primary: Target, app: App, ip: str) -> str:
+    """The primary's own DATABASE_URL with its host made the primary's private address
+    (what the app hosts connect to); registered as a secret before anything prints."""
+    found = primary.run(f"sed -n 's/^DATABASE_URL=//p' {q(app.env_path)} | tail -n 1", check=False).stdout.strip()
+    redact.register(found)
+    url, replaced = _URL_HOST.subn(rf"\g<1>{ip}:{PORT}", found, count=1)
+    if not replaced:
+        raise OpsError(f"no DATABASE_URL of the form postgresql://USER:PASSWORD@HOST/DB in {app.env_path} on {primary.label}",
+                       "create the app's env file on the db host (deploy.setup) and rerun db.primary")
+    redact.register(url)
+    return url
+
+
+_URL_HOST = re.compile(r"^([a-z0-9+]+://[^@/]*@)[^/?]*")
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@ops_task(help={})
+def primary(ops):
+    """The database on roles.db serves the app hosts: published on its private address, DATABASE_URL on each app host."""
+    members = check(ops.settings.get("roles") or {})
+    app = App.from_settings(ops.settings)
+    found = [m for m in members if "db" in m.roles]
+    if not found:
+        raise UsageError("db.primary needs roles.db (the host PostgreSQL runs on for every app host)",
+                         "set COACHNTT_ROLES__DB=user@ADDRESS, and the app hosts in COACHNTT_ROLES__APP")
+    db_host, ip = found[0], address(found[0])
+    app_hosts = [m for m in members if "app" in m.roles and "db" not in m.roles]
+    target = connect_to(ops.context, ops.settings, db_host.login.login)
+    hosts = [Host(target, [published_step(app, ip, "PostgreSQL restarted once")])]
+    if app_hosts:
+        wanted = primary_url(target, app, ip)
+        digest = hashlib.sha256((wanted + "\n").encode()).hexdigest()
+        for member in app_hosts:
+            there, path = connect_to(ops.context, ops.settings, member.login.login), private_path()
+            hosts.append(Host(there, [database_url_step(app, ip, digest, path)],
+                              before_apply=lambda planned, t=there, p=path: hand_over_if(planned, "database URL", t, wanted, p)))
+    apply_hosts(ops, hosts)
 
 
 @ops_task(help={})
@@ -226,18 +296,22 @@ def replica(ops):
     rep = Replication(ops.settings, check(ops.settings.get("roles") or {}))
     replicas = chosen_replicas(ops, rep)
     primary = connect_to(ops.context, ops.settings, rep.primary.login.login)
-    hosts: list[Host] = [Host(primary, [published_step(rep, address(rep.primary), "PostgreSQL restarted once"),
+    hosts: list[Host] = [Host(primary, [published_step(rep.app, address(rep.primary), "PostgreSQL restarted once"),
                                         password_step(rep), replication_step(rep)])]
     for member in replicas:
         target, secret_path = connect_to(ops.context, ops.settings, member.login.login), private_path()
         hosts.append(Host(target, [copy_step(rep, member, secret_path),
-                                   published_step(rep, address(member), "PostgreSQL started as a hot standby"),
+                                   published_step(rep.app, address(member), "PostgreSQL started as a hot standby"),
                                    streaming_step(rep)],
                           before_apply=lambda planned, t=target, p=secret_path: hand_over_password(planned, primary, t, rep, p)))
     hosts += [Host(connect_to(ops.context, ops.settings, m.login.login), [readonly_url_step(rep)]) for m in rep.app_hosts]
 
-    # Every host's facts and plans before the first change: a replica that must be refused
-    # (a database of its own) stops the run with the primary untouched too.
+    apply_hosts(ops, hosts)
+
+
+def apply_hosts(ops, hosts: list[Host]) -> None:
+    """Every host's facts and plans before the first change (a replica that must be refused,
+    a database of its own, stops the run with the primary untouched too), then each host's."""
     planned = [(host, plan_steps(host.target, host.steps)) for host in hosts]
     for host, plans in planned:
         reporter = Reporter(host.target.label, json=ops.json, show_diff=ops.diff)
@@ -276,7 +350,7 @@ def chosen_replicas(ops, rep: Replication) -> list[Member]:
 
 def hand_over_password(planned, primary: Target, replica: Target, rep: Replication, path: str) -> None:
     """Only when the copy runs: the primary's password to a file on the replica only its login reads."""
-    if not any(step.name == "standby copy" and plan.changes for step, plan in planned):
+    if not changes(planned, "standby copy"):
         return
     result = primary.run(f"sed -n 's/^REPLICATION_PASSWORD=//p' {q(rep.env_path)} | tail -n 1", check=False)
     password = result.stdout.strip()
@@ -286,5 +360,16 @@ def hand_over_password(planned, primary: Target, replica: Target, rep: Replicati
     replica.put_private(password, path)
 
 
+def hand_over_if(planned, step_name: str, target: Target, secret: str, path: str) -> None:
+    """`secret` to a file on `target` only its login reads, when `step_name` will use it."""
+    if changes(planned, step_name):
+        target.put_private(secret, path)
+
+
+def changes(planned, step_name: str) -> bool:
+    return any(step.name == step_name and plan.changes for step, plan in planned)
+
+
 ns = Collection("db")
+ns.add_task(primary)
 ns.add_task(replica)

@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import shlex
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 
 from invoke import Collection
@@ -53,10 +54,11 @@ from .core import backups, lock, migrations, slots, state
 from .core.app import App, HostState, checkout, fetch_sha, preflight_error, release_facts, report_failed_gate, validate_sha
 from .core.batch import gather
 from .core.cutoff import phase, release_lock, settle
-from .core.errors import LockHeldError, OpsError, UsageError
+from .core.errors import ConfigError, LockHeldError, OpsError, UsageError
 from .core.fleet import READS
+from .core.layout import parse_login, role_hosts
 from .core.target import Target
-from .core.task import ops_task
+from .core.task import ops_at, ops_task
 from .deploy_setup import setup
 
 # -- deploy -------------------------------------------------------------------------
@@ -67,7 +69,9 @@ PHASES_BEFORE_CHANGE = ("fetch", "pre_deploy hook", "backup database")
 
 def migrate(target: Target, app: App, sha: str, slot: slots.Slot) -> str:
     """Run the migrations in a one-off container of the new release; return the schema version it reports."""
-    result = target.run(app.compose(f"run --rm -T {slot.service} python -m scripts.migrate", sha), user=app.owner, timeout=600)
+    # --no-deps: the database is up already (here, or on roles.db for an app host of a layout).
+    result = target.run(app.compose(f"run --rm -T --no-deps {slot.service} python -m scripts.migrate", sha),
+                        user=app.owner, timeout=600)
     last = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     return last.split(":", 1)[1].strip() if last.startswith("schema version:") else ""
 
@@ -82,6 +86,32 @@ def backup_before_migrate(target: Target, app: App, sha: str, *, first_release: 
             return ""
         raise
     return path
+
+
+def database_login(ops, host: HostState) -> str:
+    """Where a release backs up the database: '' for this host, else roles.db's login when
+    DATABASE_URL names another host (an app host of a layout). Checked in the preflight:
+    the backup must be taken where the database really is, so roles.db must be that host."""
+    elsewhere = host.database_elsewhere
+    if not elsewhere:
+        return ""
+    login = (role_hosts(ops.settings.get("roles") or {}).get("db") or [""])[0]
+    parsed = parse_login(login) if login else None
+    if parsed is None or parsed.host != elsewhere.rpartition(":")[0]:
+        raise ConfigError(f"the database of {ops.where} is on {elsewhere} (DATABASE_URL), but roles.db is "
+                          f"{login or 'not set'}", "set roles.db to that host (COACHNTT_ROLES__DB=user@ADDRESS): a "
+                          "release backs the database up there before it migrates; nothing changed")
+    return login
+
+
+@contextmanager
+def database_host(ops, held: Target, login: str) -> Iterator[Target]:
+    """The host the database runs on: this one (`held`), or roles.db's (`login`)."""
+    if not login:
+        yield held
+        return
+    with ops_at(ops.context, login, ops.settings) as db_ops:
+        yield db_ops.target
 
 
 def run_hook(ops, target: Target, app: App, name: str, release: state.Release) -> None:
@@ -102,6 +132,12 @@ def breaking_migrations(ops, target: Target, app: App, sha: str, host: HostState
     refused (exit 2, nothing changed) outside the maintenance window unless --force."""
     marked = target.run(app.in_dir(migrations.marked_command(sha)), user=app.owner, timeout=60).stdout
     decision = migrations.decide(marked, host.log, ops.settings, datetime.now(UTC), force=force)
+    if decision.breaking and host.database_elsewhere:
+        # Stop-the-world on a shared database would need every app host stopped at once.
+        raise UsageError(f"{sha[:12]} has breaking migrations ({', '.join(m.name for m in decision.breaking)}), and the database is "
+                         f"shared on {host.database_elsewhere}: the other app hosts would run on a schema they "
+                         "cannot read", "split them into expand/contract migrations that the release before can "
+                         "run on; nothing changed")
     if not decision.allowed:
         current = state.current_release(host.log)
         raise migrations.refusal(decision.breaking, host.layout.serving_sha() or (current.sha if current else ""), ops.settings)
@@ -136,6 +172,7 @@ def deploy(ops, sha="", message="", break_lock=False, lock_wait=0, force=False):
         problem = preflight_error(host, app, ops.where)
         if problem:
             raise problem
+        db_login = database_login(ops, host)
         current = state.current_release(host.log)
         release = state.Release(sha=sha, kind="deploy", previous=current.sha if current else "",
                                 who=state.operator(), started=state.now(), message=message)
@@ -148,7 +185,7 @@ def deploy(ops, sha="", message="", break_lock=False, lock_wait=0, force=False):
         if current and current.sha == release.sha and host.head == release.sha:
             check_live_release(ops, app, held, release, host.layout)
         else:
-            ship(ops, app, held, release, host, breaking=stop_the_world, first_release=current is None)
+            ship(ops, app, held, release, host, breaking=stop_the_world, first_release=current is None, db_login=db_login)
 
 
 def dry_run(ops, app: App, sha: str, *, force: bool) -> None:
@@ -186,7 +223,7 @@ def check_live_release(ops, app: App, held: lock.HeldLock, release: state.Releas
 
 
 def build_and_migrate(held: lock.HeldLock, app: App, release: state.Release, layout: slots.Layout, step: slots.Phase,
-                      *, breaking: bool) -> None:
+                      *, breaking: bool, database_elsewhere: str = "") -> None:
     """The new sha built for its slot and the database migrated (`release` shares this):
     checkout + build, PostgreSQL up, (a breaking release stops the world first,) migrate."""
     sha = release.sha
@@ -194,9 +231,13 @@ def build_and_migrate(held: lock.HeldLock, app: App, release: state.Release, lay
     with step("checkout + build", f"for {slot}"):
         checkout(held, app, sha)
         held.run(app.compose(f"build --quiet {slot.service}", sha), user=app.owner, timeout=1800)
-    with step("database up"):
-        # PgBouncer too: the slots start with --no-deps, so no other step brings it up.
-        held.run(app.compose("up -d --wait postgres pgbouncer", sha), user=app.owner, timeout=300)
+    if database_elsewhere:
+        with step("database up", f"on {database_elsewhere}, not on this host: nothing to start"):
+            pass
+    else:
+        with step("database up"):
+            # PgBouncer too: the slots start with --no-deps, so no other step brings it up.
+            held.run(app.compose("up -d --wait postgres pgbouncer", sha), user=app.owner, timeout=300)
     if breaking and serving:
         with step("maintenance on", "nginx answers the api with 503 + Retry-After"):
             slots.switch(held, app, serving, layout.serving_sha(), maintenance=True)
@@ -208,16 +249,19 @@ def build_and_migrate(held: lock.HeldLock, app: App, release: state.Release, lay
         release.schema = migrate(held, app, sha, slot)
 
 
-def ship(ops, app: App, held: lock.HeldLock, release: state.Release, host: HostState, *, breaking: bool, first_release: bool) -> None:
+def ship(ops, app: App, held: lock.HeldLock, release: state.Release, host: HostState, *, breaking: bool, first_release: bool,
+         db_login: str = "") -> None:
     """A new sha: hook, backup, checkout + build, database, (stop the world,) migrate, cutover."""
     sha, layout = release.sha, host.layout
     release.slot = layout.slot_for(sha).name
     try:
         with phase(ops, held, "pre_deploy hook"):  # may veto: nothing has changed yet
             run_hook(ops, held, app, "pre_deploy", release)
-        with phase(ops, held, "backup database"):
-            release.backup = backup_before_migrate(held, app, sha, first_release=first_release)
-        build_and_migrate(held, app, release, layout, lambda name, reason="": phase(ops, held, name, reason), breaking=breaking)
+        with phase(ops, held, "backup database", db_login and f"on {db_login}, where the database runs"), \
+                database_host(ops, held, db_login) as database:
+            release.backup = backup_before_migrate(database, app, sha, first_release=first_release and not db_login)
+        build_and_migrate(held, app, release, layout, lambda name, reason="": phase(ops, held, name, reason), breaking=breaking,
+                          database_elsewhere=host.database_elsewhere)
         # The layout read before anything changed: the new release goes to the idle slot.
         outcome = slots.serve(held, app, sha, lambda name, reason="": phase(ops, held, name, reason), layout=layout)
         if not outcome.gate.passed:

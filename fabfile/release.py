@@ -54,6 +54,7 @@ from .core.cutoff import release_lock
 from .core.errors import OpsError, UsageError
 from .core.release_facts import Config, preflight_facts
 from .core.steps import DetailReporter
+from .core.target import Target
 from .core.task import ops_task
 from .staging import deploy_staging
 
@@ -63,8 +64,12 @@ from .staging import deploy_staging
 class Run:
     """One release: its phases in order, what they changed, and the way back."""
 
-    def __init__(self, ops, app: App, cfg: Config):
+    def __init__(self, ops, app: App, cfg: Config, *, shared_backup: str = ""):
         self.ops, self.app, self.cfg = ops, app, cfg
+        # A rolling release past its first host: the shared database's backup it took (on roles.db).
+        self.shared_backup = shared_backup
+        self.db_login = ""  # roles.db's login when the database runs there (deploy.database_login)
+        self.database_elsewhere = ""
         self.results: list[checklist.PhaseResult] = []
         self.held: lock.HeldLock | None = None
         self.entry: state.Release | None = None
@@ -122,6 +127,7 @@ class Run:
             problem = preflight_error(host, app, ops.where)
             if problem:
                 raise problem
+            self.db_login, self.database_elsewhere = deploy_task.database_login(ops, host), host.database_elsewhere
             failures, warnings = checklist.preflight_verdict(found)
             if failures:
                 raise OpsError(f"the host is past its thresholds: {checklist.words(failures)}",
@@ -174,14 +180,14 @@ class Run:
             with self.phase("backup") as said:
                 with self.step("pre_deploy hook"):  # the operator's veto (app.hooks.pre_deploy), before anything changes
                     deploy_task.run_hook(self.ops, held, app, "pre_deploy", entry)
-                entry.backup = deploy_task.backup_before_migrate(held, app, entry.sha, first_release=first_release)
-                said["reason"] = self.check_backup(entry.backup) if entry.backup else "first release: no database yet"
+                said["reason"] = self.back_up(first_release)
             with self.phase("staging") as said:
                 tried = deploy_staging(held, self.ops.settings, entry.sha, DetailReporter(self.ops.reporter), self.ops.where)
                 said["status"] = "skipped" if tried.skipped else "ok"
                 said["reason"] = tried.reason if tried.skipped else f"health {tried.health}, smoke {tried.smoke}"
             with self.phase("deploy") as said:
-                deploy_task.build_and_migrate(held, app, entry, layout, self.step, breaking=self.breaking)
+                deploy_task.build_and_migrate(held, app, entry, layout, self.step, breaking=self.breaking,
+                                              database_elsewhere=self.database_elsewhere)
                 self.cutover(layout)
                 said["reason"] = f"{entry.sha[:12]} serves from {self.new_slot} (schema {entry.schema or '?'})"
             self.verify(first_release=first_release)
@@ -201,12 +207,25 @@ class Run:
             self.ops.reporter.info(f"  warning: the post_deploy hook failed ({exc.one_line()}); the release stays live")
         self.finish(state.RESULT_OK)
 
-    def check_backup(self, path: str) -> str:
+    def back_up(self, first_release: bool) -> str:
+        """backup.now's dump where the database runs (here, or roles.db's host), then verified.
+        A rolling release backs a shared database up once, on its first host."""
+        entry, db_login = self.entry, self.db_login
+        if db_login and self.shared_backup:
+            entry.backup = self.shared_backup
+            return f"the shared database was backed up before this roll's first host: {self.shared_backup}"
+        with deploy_task.database_host(self.ops, self.held, db_login) as database:
+            entry.backup = deploy_task.backup_before_migrate(database, self.app, entry.sha,
+                                                             first_release=first_release and not db_login)
+            where = f" on {db_login}" if db_login else ""
+            return self.check_backup(database, entry.backup) + where if entry.backup else "first release: no database yet"
+
+    def check_backup(self, database: Target, path: str) -> str:
         """backup.verify's proof on the dump just taken: restored into a scratch database, held against its manifest."""
         name = posixpath.basename(path)
         with self.step("verify backup", name):
-            wrong, holds = backup_task.restore_to_scratch(self.held, self.app, name)
-            backups.record(self.held, self.app, name, not wrong, "; ".join(wrong))
+            wrong, holds = backup_task.restore_to_scratch(database, self.app, name)
+            backups.record(database, self.app, name, not wrong, "; ".join(wrong))
         if wrong:
             raise OpsError(f"{name} does not restore as its manifest says: {'; '.join(wrong[:3])}",
                            "nothing changed; take a backup by hand (`backup.now`) and see why")
@@ -377,16 +396,17 @@ def release(ops, sha="", message="", force=False, lock_wait=0):
     release_here(ops, sha, message, force, lock_wait)
 
 
-def release_here(ops, sha="", message="", force=False, lock_wait=0) -> None:
-    """The checklist on the host `ops` works on."""
+def release_here(ops, sha="", message="", force=False, lock_wait=0, shared_backup="") -> str:
+    """The checklist on the host `ops` works on; the backup it took (or was given: `shared_backup`)."""
     app = App.from_settings(ops.settings)
     cfg = Config.from_settings(ops.settings)
     if ops.dry:
         dry_run(ops, app, cfg, sha)
-        return
-    run = Run(ops, app, cfg)
+        return ""
+    run = Run(ops, app, cfg, shared_backup=shared_backup)
     with release_lock(ops, app, sha or app.branch, message, wait=int(lock_wait)) as held:
         run.go(held, sha, message, bool(force))
+    return run.entry.backup if run.entry and run.db_login else ""
 
 
 def dry_run(ops, app: App, cfg: Config, sha: str) -> None:

@@ -11,7 +11,10 @@ release runs on the hosts given, as on a single VPS):
                      requests it is serving finish; the others take the new ones)
     2. release       `release --sha SHA` on that host, its whole checklist: backup, staging,
                      deploy (the first host runs the migrations, the others find them
-                     applied), verify, watch, drain; rolled back on that host if any phase fails
+                     applied), verify, watch, drain; rolled back on that host if any phase fails.
+                     A database shared on roles.db is backed up once, by the first host's
+                     release (on the db host, verified there), before its migrations; the
+                     hosts after it keep that backup in their log entries
     3. in            back into the load balancer once it answers the lb /health 200
     A host that fails stops the roll and stays out of the load balancer (its own release
     put the old one back there); hosts not reached keep the old release; the hosts done
@@ -55,7 +58,7 @@ def applies(ops) -> bool:
     return bool(given.get(balancer.LB) and given.get(balancer.APP))
 
 
-def roll(ops, sha: str, release_here: Callable[..., None], **release_args) -> None:
+def roll(ops, sha: str, release_here: Callable[..., str], **release_args) -> None:
     """Release `sha` on every app host in turn, each out of the load balancer meanwhile."""
     if not sha:
         raise UsageError("a rolling release needs --sha: every app host must get the same commit",
@@ -80,11 +83,16 @@ def roll(ops, sha: str, release_here: Callable[..., None], **release_args) -> No
                 release_here(host_ops, sha=sha, **release_args)
         return
 
-    stopped = None
+    stopped, shared = None, {"shared_backup": ""}
     for host in hosts:
         started = time.monotonic()
         try:
-            through_host(ops, host, lambda host_ops: release_here(host_ops, sha=sha, **release_args))
+            # A database shared on roles.db is backed up (and migrated) by the first host's
+            # release; the hosts after it are handed that backup and find the schema current.
+            def release_host(host_ops: Ops) -> None:
+                shared["shared_backup"] = release_here(host_ops, sha=sha, **release_args, **shared) or shared["shared_backup"]
+
+            through_host(ops, host, release_host)
             host.state = RELEASED
         except OpsError as exc:
             host.state, host.why, stopped = FAILED, exc.one_line(), host

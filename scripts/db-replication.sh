@@ -1,5 +1,6 @@
 #!/bin/sh
-# PostgreSQL's own streaming replication, both ends; fabfile/db.py decides what to run.
+# The database of a layout: the primary published for the app hosts, and PostgreSQL's own
+# streaming replication, both ends; fabfile/db.py decides what to run.
 # Nothing secret is printed or put on a command line: the replication password lives in
 # the app's env file on the primary (REPLICATION_PASSWORD), and reaches a replica as a
 # file only its login user can read, removed here once used.
@@ -23,6 +24,9 @@
 #       postgres user; a failed copy leaves the volume empty again
 #   db-replication.sh streaming CONTAINER SUPERUSER DB TIMEOUT
 #       waits until the standby's WAL receiver streams; else exit 1 with its last log line
+#   db-replication.sh database-url ENV_FILE SECRET_FILE
+#       DATABASE_URL in ENV_FILE := the URL in SECRET_FILE (the primary's, at its private
+#       address), mode kept; SECRET_FILE removed
 #   db-replication.sh readonly-url ENV_FILE check|set HOST:PORT...
 #       DATABASE_URL_READONLY: DATABASE_URL with the replicas as its hosts and
 #       target_session_attrs=read-only; check prints "current" or "differs"
@@ -179,6 +183,14 @@ readonly-url)
     fi
     set_env_line "$env_file" DATABASE_URL_READONLY "$wanted"
     echo "DATABASE_URL_READONLY in $env_file names $hosts"
+    ;;
+database-url)
+    env_file=$1 secret=$2
+    trap 'rm -f "$secret"' EXIT
+    url=$(cat "$secret" 2> /dev/null) || url=""
+    [ -n "$url" ] || { echo "no URL was handed over in $secret" >&2; exit 1; }
+    set_env_line "$env_file" DATABASE_URL "$url"
+    echo "DATABASE_URL in $env_file names the primary"
     ;;
 *)
     echo "db-replication.sh: unknown command $command" >&2

@@ -8,13 +8,15 @@
 #
 #   monitor-check.sh MARKER INCLUDE PORT_B URL_A URL_B DB_CONTAINER DB_USER DB_NAME
 #                    PGBOUNCER_HOST PGBOUNCER_PORT APP_DIR CERT_FILE BACKUP_DIR CPU_SAMPLE_MS
-#                    [replication=yes|no] DISK_PATH...
+#                    [replication=yes|no] [env=ENV_FILE] DISK_PATH...
 #
 # replication=yes adds the replication probe (the layout has replicas); without the word,
-# or with replication=no, it does not run. A DISK_PATH is absolute, so never that word.
+# or with replication=no, it does not run. env=ENV_FILE is the app's env file: where its
+# DATABASE_URL points says where the database runs. A DISK_PATH is absolute, never those words.
 #
 # INCLUDE PORT_B URL_A URL_B: the live api slot, found by live_slot (scripts/live-slot.sh,
 # sent before this script): /health is asked on the port of the slot nginx sends requests to.
+# database_location (scripts/database-location.sh) is sent before it too.
 #
 # Runs as the login user (the deploy user is in the docker group); only the
 # certificate, which certbot keeps root-only, is read through sudo -n, in
@@ -23,7 +25,9 @@
 #   health       "<http code> <seconds> <slot>" of the live slot's /health ("000" when
 #                nothing answered; slot a or b)
 #   database     PostgreSQL in DB_CONTAINER as pg_isready judges it: status 0 accepting,
-#                1 rejecting, 2 no response / not running
+#                1 rejecting, 2 no response / not running. On an app host whose
+#                DATABASE_URL names another host, "elsewhere HOST:PORT" first, then the
+#                same judgement of that host's PostgreSQL over the network
 #   pgbouncer    the byte PgBouncer answers to an SSLRequest (N or S)
 #   services     the Docker Engine's JSON list of APP_DIR's compose containers
 #   disk         "<path> <mount> <used KiB> <available KiB>" per DISK_PATH, "<path> -" if missing
@@ -44,8 +48,14 @@ export LC_ALL=C
 marker=$1 db=$6 db_user=$7 db_name=$8 pgb_host=$9 pgb_port=${10} app_dir=${11} cert=${12} backup_dir=${13} cpu_ms=${14}
 live_slot "$2" "$3" "$4" "$5"
 shift 14
-replication=no
-case ${1:-} in replication=*) replication=${1#replication=}; shift ;; esac
+replication=no env_file=/dev/null
+while :; do
+    case ${1:-} in
+    replication=*) replication=${1#replication=}; shift ;;
+    env=*) env_file=${1#env=}; shift ;;
+    *) break ;;
+    esac
+done
 disk_paths=("$@")
 work=$(mktemp -d) || exit 1
 trap 'rm -rf "$work"' EXIT
@@ -58,23 +68,30 @@ health() { curl -s -m 3 -o /dev/null -w "%{http_code} %{time_total} $live_name\n
 # shutting down): rejecting; nothing: no response. Closing at the password prompt is the
 # disconnect PostgreSQL does not log, as with pg_isready.
 database() {
-    local info state ip length reply message
-    info=$(curl -sf -m 3 --unix-socket /var/run/docker.sock "http://docker/containers/$db/json") \
-        || { echo "no container $db"; return 2; }
-    [[ $info =~ \"State\":\{\"Status\":\"([a-z]+)\" ]] && state=${BASH_REMATCH[1]}
-    [ "${state:-}" = running ] || { echo "$db is not running (${state:-unknown})"; return 2; }
-    [[ $info =~ \"IPAddress\":\"([0-9.]+)\" ]] && ip=${BASH_REMATCH[1]}
-    [ -n "${ip:-}" ] || { echo "$db has no address on a Docker network"; return 2; }
+    local where info state ip port=5432 length reply message
+    where=$(database_location "$env_file")
+    if [ "$where" != here ]; then
+        # An app host of a layout: the database runs on roles.db; the same exchange, over the network.
+        echo "$where"
+        ip=${where#elsewhere } && port=${ip##*:} && ip=${ip%:*}
+    else
+        info=$(curl -sf -m 3 --unix-socket /var/run/docker.sock "http://docker/containers/$db/json") \
+            || { echo "no container $db"; return 2; }
+        [[ $info =~ \"State\":\{\"Status\":\"([a-z]+)\" ]] && state=${BASH_REMATCH[1]}
+        [ "${state:-}" = running ] || { echo "$db is not running (${state:-unknown})"; return 2; }
+        [[ $info =~ \"IPAddress\":\"([0-9.]+)\" ]] && ip=${BASH_REMATCH[1]}
+        [ -n "${ip:-}" ] || { echo "$db has no address on a Docker network"; return 2; }
+    fi
     # StartupMessage, protocol 3.0: length (< 256 for names settings allow), then user and database.
     length=$(printf '%03o' $((25 + ${#db_user} + ${#db_name})))
-    reply=$(timeout 3 bash -c 'exec 3<> "/dev/tcp/$0/5432" &&
+    reply=$(timeout 3 bash -c 'exec 3<> "/dev/tcp/$0/$4" &&
         printf "\0\0\0\\$1\0\003\0\0user\0%s\0database\0%s\0\0" "$2" "$3" >&3 && dd bs=512 count=1 status=none <&3' \
-        "$ip" "$length" "$db_user" "$db_name" 2> /dev/null | tr -c '[:print:]' '\n')
+        "$ip" "$length" "$db_user" "$db_name" "$port" 2> /dev/null | tr -c '[:print:]' '\n')
     case $reply in
     R*) echo "accepting connections" ;;
     E*C57P03*) message=${reply#*$'\n'M}; echo "rejecting connections: ${message%%$'\n'*}"; return 1 ;;
     E*) echo "accepting connections" ;;
-    *) echo "no response from $ip:5432"; return 2 ;;
+    *) echo "no response from $ip:$port"; return 2 ;;
     esac
 }
 pgbouncer() {

@@ -86,6 +86,10 @@ class App:
             drain_seconds=int(s.require("cutover.drain_seconds")),
         )
 
+    @property
+    def env_path(self) -> str:
+        return f"{self.dir}/{self.env_file}"
+
     def in_dir(self, command: str) -> str:
         return f"cd {shlex.quote(self.dir)} && {command}"
 
@@ -181,6 +185,26 @@ class HostState:
     facts: dict[str, ProbeResult]
     layout: slots.Layout
 
+    @property
+    def database_elsewhere(self) -> str:
+        """'HOST:PORT' when DATABASE_URL names another host (an app host of a layout whose
+        database runs on roles.db), '' when the database container runs here."""
+        return database_elsewhere(self.facts["database"])
+
+
+def database_elsewhere(fact: ProbeResult) -> str:
+    """The location line of scripts/database-location.sh's database_ready, as above."""
+    first = fact.stdout.strip().partition("\n")[0]
+    return first.removeprefix("elsewhere ").strip() if first.startswith("elsewhere ") else ""
+
+
+def database_probe(app: App) -> str:
+    """Where the app's database is, and whether it answers (scripts/database-location.sh):
+    pg_isready inside the container here, so a paused or wedged PostgreSQL fails it too."""
+    args = " ".join(shlex.quote(a) for a in (app.env_path, app.db_container, app.db_user, app.db_name))
+    text = templates.script("database-location.sh") + '\ndatabase_ready "$@"'
+    return f"sh -c {shlex.quote(text)} database {args}"
+
 
 def release_probes(app: App) -> dict[str, str]:
     directory = shlex.quote(app.dir)
@@ -189,11 +213,9 @@ def release_probes(app: App) -> dict[str, str]:
         "nginx": "systemctl is-active --quiet nginx",
         "log": state.read_log_command(app.state_dir),
         "head": f"git -C {directory} rev-parse HEAD",
-        "env": f"test -f {shlex.quote(app.dir + '/' + app.env_file)}",
+        "env": f"test -f {shlex.quote(app.env_path)}",
         "docker": "docker info --format '{{.ServerVersion}}'",
-        # pg_isready inside the container: a paused or wedged PostgreSQL fails this too.
-        "database": f"docker exec {shlex.quote(app.db_container)} pg_isready -q -t 3 "
-                    f"-U {shlex.quote(app.db_user)} -d {shlex.quote(app.db_name)}",
+        "database": database_probe(app),
         "disk": f"df -P {directory} {shlex.quote(app.backup_dir)} | awk 'NR > 1 {{print $6, $5}}'",
     }
 
@@ -216,11 +238,15 @@ def preflight_error(host: HostState, app: App, where: str) -> OpsError | None:
     if not facts["head"].ok:
         return ConfigError(f"no checkout in {app.dir} on {where}", "run `deploy.setup` first")
     if not facts["env"].ok:
-        return ConfigError(f"{app.dir}/{app.env_file} is missing on {where}",
+        return ConfigError(f"{app.env_path} is missing on {where}",
                            "restore it from your backup (its secrets belong to the database), or run `deploy.setup` on a new host")
     if not facts["docker"].ok or not facts["docker"].stdout.strip():
         return OpsError(f"Docker is not answering on {where}", "start it (`sudo systemctl start docker`) and rerun; nothing changed")
-    if state.current_release(host.log) and not facts["database"].ok:
+    elsewhere = host.database_elsewhere
+    if elsewhere and not facts["database"].ok:
+        return OpsError(f"the database at {elsewhere} (DATABASE_URL) does not answer from {where}",
+                        "check the db host (`monitor.check` on it) and the private network between them; nothing changed")
+    if not elsewhere and state.current_release(host.log) and not facts["database"].ok:
         return OpsError(f"the database container {app.db_container} is not answering on {where}, but releases exist",
                         "start it (`docker compose up -d postgres` in the app directory) and rerun; nothing changed")
     if not (host.layout.include and host.layout.site_uses_slots):

@@ -30,7 +30,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 
-from . import backups, certificates, layout, slots
+from . import backups, certificates, layout, slots, templates
+from .app import database_elsewhere
 from .batch import ProbeResult, parse_batch
 from .settings import Settings
 from .target import Target, command_failed
@@ -66,6 +67,7 @@ class CheckConfig:
     backup_age_hours_max: int
     replicas: tuple[str, ...]  # roles.replica
     replication_lag_seconds_max: int
+    env_file: str = ""  # the app's: its DATABASE_URL says where the database runs
 
     @property
     def replication(self) -> bool:
@@ -94,6 +96,7 @@ class CheckConfig:
             backup_age_hours_max=number("thresholds.backup_age_hours_max"),
             replicas=tuple(layout.role_hosts(s.get("roles") or {}).get("replica", [])),
             replication_lag_seconds_max=number("thresholds.replication_lag_seconds_max"),
+            env_file=f"{s.require('app.dir')}/{s.require('app.env_file')}",
         )
 
 
@@ -103,8 +106,9 @@ def command(cfg: CheckConfig, marker: str, *, replication: bool = False) -> str:
     host, _, port = cfg.pgbouncer.rpartition(":")
     args = [marker, *cfg.health.args(), cfg.db_container, cfg.db_user, cfg.db_name, host, port, cfg.app_dir,
             cfg.cert_file, cfg.backup_dir, str(cfg.cpu_sample_ms), f"replication={'yes' if replication else 'no'}",
-            *cfg.disk_paths]
-    return f"bash -c {shlex.quote(slots.with_live_slot(SCRIPT))} monitor-check " + " ".join(shlex.quote(a) for a in args)
+            *([f"env={cfg.env_file}"] if cfg.env_file else []), *cfg.disk_paths]
+    script = templates.script("database-location.sh") + "\n" + slots.with_live_slot(SCRIPT)
+    return f"bash -c {shlex.quote(script)} monitor-check " + " ".join(shlex.quote(a) for a in args)
 
 
 def probes(replication: bool = False) -> tuple[str, ...]:
@@ -171,17 +175,19 @@ def evaluate(facts: Mapping[str, ProbeResult], cfg: CheckConfig) -> list[Check]:
     live = live_slot(facts["health"], cfg)
     fix = remedies(cfg, live.service)
     now = _int(facts["now"].stdout.strip())
+    # An app host of a layout: PostgreSQL, PgBouncer and the backups are the db host's rows.
+    here = not database_elsewhere(facts["database"])
     return [
         api_health(facts["health"], cfg, fix),
         database(facts["database"], cfg, fix),
         *replication(facts.get(REPLICATION), cfg, fix),
-        pgbouncer(facts["pgbouncer"], cfg, fix),
+        *([pgbouncer(facts["pgbouncer"], cfg, fix)] if here else []),
         services(facts["services"], cfg, fix, idle=cfg.health.other(live).service),
         *disks(facts["disk"], cfg, fix),
         memory(facts["memory"], cfg, fix),
         cpu(facts["cpu"], cfg, fix),
         certificate(facts["certificate"], cfg, fix, now),
-        backup_age(facts["backups"], cfg, fix, now),
+        *([backup_age(facts["backups"], cfg, fix, now)] if here else []),
     ]
 
 
@@ -204,11 +210,16 @@ def api_health(fact: ProbeResult, cfg: CheckConfig, fix: dict[str, str]) -> Chec
 def database(fact: ProbeResult, cfg: CheckConfig, fix: dict[str, str]) -> Check:
     """The probe answers as pg_isready would (scripts/monitor-check.sh): 0 accepting,
     1 rejecting (starting up, shutting down), 2 no response or the container not running."""
-    said = _first_line(fact.stdout)
+    elsewhere = database_elsewhere(fact)
+    lines = fact.stdout.strip().splitlines()[1 if elsewhere else 0:]
+    said, name = (lines[0].strip() if lines else ""), (f"{elsewhere} (roles.db)" if elsewhere else cfg.db_container)
     if fact.ok:
-        return Check("database", PASS, f"{cfg.db_container}: accepting connections")
+        return Check("database", PASS, f"{name}: accepting connections")
     reason = said or {1: "rejecting connections", 2: "no response", 124: "no answer within 5s"}.get(fact.status, f"exit {fact.status}")
-    return Check("database", FAIL, f"{cfg.db_container}: {reason}", fix["database"])
+    remedy = (f"`monitor.check` on the db host ({elsewhere}) and the private network between them" if elsewhere
+              else fix["database"])
+    return Check("database", FAIL, f"{name}: {reason}", remedy)
+
 
 
 def replication(fact: ProbeResult | None, cfg: CheckConfig, fix: dict[str, str]) -> list[Check]:

@@ -51,7 +51,7 @@ def test_without_app_hosts_the_read_only_url_goes_to_the_primarys_host(defaults)
 
 def test_publishing_is_ok_only_on_the_hosts_own_address(defaults):
     rep = replication(defaults)
-    step = db.published_step(rep, "10.201.0.20", "PostgreSQL restarted once")
+    step = db.published_step(rep.app, "10.201.0.20", "PostgreSQL restarted once")
     assert step.plan({"port": probe("10.201.0.20:5432\n")}).changes == ()
     plan = step.plan({"port": probe("127.0.0.1:5432\n")})
     (change,) = plan.changes
@@ -61,7 +61,7 @@ def test_publishing_is_ok_only_on_the_hosts_own_address(defaults):
     assert recreate.endswith("up -d --wait --no-deps postgres")
     assert verify.startswith("docker port ccp_postgres 5432/tcp | grep -qxF 10.201.0.20:5432 ||")
     # A container that is not there (a new replica) is started the same way.
-    assert db.published_step(rep, "10.201.0.21", "started").plan({"port": probe("", 1)}).changes
+    assert db.published_step(rep.app, "10.201.0.21", "started").plan({"port": probe("", 1)}).changes
 
 
 def test_the_password_is_generated_only_when_missing(defaults):
@@ -182,9 +182,9 @@ def hosts_for(defaults, fake_host, volume: str):
     def answers(steps, values):
         return {cmd: values[name] for step in steps for name, cmd in step.probes.items()}
 
-    primary_steps = [db.published_step(rep, "10.201.0.20", ""), db.password_step(rep), db.replication_step(rep),
+    primary_steps = [db.published_step(rep.app, "10.201.0.20", ""), db.password_step(rep), db.replication_step(rep),
                      db.readonly_url_step(rep)]
-    replica_steps = [db.copy_step(rep, rep.replicas[0], "x"), db.published_step(rep, "10.201.0.21", ""),
+    replica_steps = [db.copy_step(rep, rep.replicas[0], "x"), db.published_step(rep.app, "10.201.0.21", ""),
                      db.streaming_step(rep)]
     primary = Host(answers(primary_steps, {"port": ("127.0.0.1:5432", 0), "password": ("no", 0),
                                            "db": ("recovery f\nrole no\nkeep -1", 0), "url": ("differs", 0)}),

@@ -112,3 +112,17 @@ case "$*" in *pg_basebackup*) echo "pg_basebackup: error: connection to server f
     sent = calls.read_text().splitlines()
     assert sent[-1].endswith("--entrypoint find img /var/lib/postgresql/data -mindepth 1 -delete")
     assert not secret.exists() and not [p for p in os.listdir("/tmp") if p == secret.name]
+
+
+def test_the_database_url_handed_over_replaces_the_app_hosts_own_and_its_file_is_removed(tmp_path):
+    path = env_file(tmp_path, "POSTGRES_USER=coachntt\nDATABASE_URL=postgresql://coachntt:old@postgres:5432/db\nAPI_KEY=k\n")
+    secret = tmp_path / "handed.secret"
+    secret.write_text("postgresql://coachntt:0123456789abcdef@10.201.0.20:5432/db")
+    done = run(tmp_path, "database-url", str(path), str(secret))
+    assert done.returncode == 0, done.stderr
+    assert path.read_text().splitlines() == ["POSTGRES_USER=coachntt", "API_KEY=k",
+                                             "DATABASE_URL=postgresql://coachntt:0123456789abcdef@10.201.0.20:5432/db"]
+    assert oct(path.stat().st_mode & 0o777) == "0o600" and not secret.exists()
+    assert "0123456789abcdef" not in done.stdout + done.stderr
+    missing = run(tmp_path, "database-url", str(path), str(tmp_path / "none.secret"))
+    assert missing.returncode == 1 and "no URL was handed over" in missing.stderr

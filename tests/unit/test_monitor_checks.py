@@ -278,11 +278,14 @@ def test_json_is_one_object_per_check(cfg):
 def test_the_command_is_the_script_with_every_value_as_one_word(cfg):
     odd = replace(cfg, disk_paths=("/", "/srv/a b"), backup_dir="/backups")
     words = shlex.split(checks.command(odd, "@@m"))
-    assert words[:3] == ["bash", "-c", templates.script("live-slot.sh") + "\n" + templates.script("monitor-check.sh")]
+    assert words[:3] == ["bash", "-c", "\n".join(templates.script(name) for name in
+                                                  ("database-location.sh", "live-slot.sh", "monitor-check.sh"))]
     assert words[3:] == ["monitor-check", "@@m", "/etc/nginx/coachntt/api-upstream.conf", "8002",
                          "http://127.0.0.1:8000/health", "http://127.0.0.1:8002/health", "ccp_postgres", "coachntt",
                          "coachntt_prod", "127.0.0.1", "6432", "/opt/coachntt",
-                         "/etc/letsencrypt/live/coachntt/fullchain.pem", "/backups", "100", "replication=no", "/", "/srv/a b"]
+                         "/etc/letsencrypt/live/coachntt/fullchain.pem", "/backups", "100", "replication=no",
+                         "env=/opt/coachntt/.env.production",
+                         "/", "/srv/a b"]
 
 
 @pytest.mark.parametrize("env,words", [

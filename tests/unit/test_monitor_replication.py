@@ -122,8 +122,8 @@ def test_the_json_row_carries_the_lag_in_seconds_and_bytes(cfg):
 def test_the_command_asks_for_replication_only_when_told(cfg):
     asked = shlex.split(checks.command(cfg, "@@m", replication=True))
     plain = shlex.split(checks.command(cfg, "@@m"))
-    assert asked[17:] == ["100", "replication=yes", "/", "/var/lib/docker", "/backups"]
-    assert plain[17:] == ["100", "replication=no", "/", "/var/lib/docker", "/backups"]
+    assert asked[17:] == ["100", "replication=yes", "env=/opt/coachntt/.env.production", "/", "/var/lib/docker", "/backups"]
+    assert plain[17:] == ["100", "replication=no", "env=/opt/coachntt/.env.production", "/", "/var/lib/docker", "/backups"]
     assert checks.probes(True) == (*checks.PROBES, "replication") and "replication" not in checks.probes(False)
 
 

@@ -245,7 +245,7 @@ def preflight_then(monkeypatch, sha: str, live: str = OLD) -> tuple[list[str], l
     released last; returns (what was fetched, what followed: verify or ship, the run)."""
     run, _ = quiet_run()
     run.ops.where = "coachntt@10.201.0.5"
-    host = SimpleNamespace(log=[], head=live, layout=SimpleNamespace(serving_sha=lambda: live))
+    host = SimpleNamespace(log=[], head=live, layout=SimpleNamespace(serving_sha=lambda: live), database_elsewhere="")
     monkeypatch.setattr(release_task, "preflight_facts", lambda target, app, cfg: (host, []))
     monkeypatch.setattr(release_task, "preflight_error", lambda host, app, where: None)
     monkeypatch.setattr(release_task.state, "current_release", lambda log: SimpleNamespace(sha=live))
