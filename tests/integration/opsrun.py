@@ -152,3 +152,34 @@ def install_tool_on_host(host, path: str = "/opt/coachntt-ops") -> None:
     assert code == 0, out
     unpacked = sandbox.hosts.enter(host.name, f"mkdir -p {path} && tar -x -C {path}", stdin=archive)
     assert unpacked.returncode == 0, unpacked.stderr
+
+
+# -- several hosts, and work on a host's console
+
+# The sandbox's /proc/stat is this shared build machine's (see test_monitor.py).
+SHARED_CPU = {"COACHNTT_THRESHOLDS__CPU_PERCENT_MAX": "100"}
+
+
+def fab_many(hosts, *args: str, env: dict | None = None, timeout: int = 300) -> tuple[subprocess.CompletedProcess, float]:
+    """The real CLI over several hosts (`fab -H a,b,c`), and how long it took."""
+    command = [str(BIN / "fab"), "-H", ",".join(f"root@{h.ip}" for h in hosts), "-i", str(hosts[0].key), *args]
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **SHARED_CPU, **(env or {})})
+    return result, time.monotonic() - started
+
+
+def sh(host, command: str, timeout: float = 300) -> str:
+    code, out = console(host, command) if timeout <= 120 else _long_console(host, command, timeout)
+    assert code == 0, out
+    return out
+
+
+def _long_console(host, command: str, timeout: float) -> tuple[int, str]:
+    result = sandbox.hosts.enter(host.name, command, timeout=timeout)
+    return result.returncode, (result.stdout + result.stderr).decode(errors="replace")
+
+
+def put(host, path: str, data: bytes, mode: str = "644") -> None:
+    payload = base64.b64encode(data).decode()
+    sh(host, f"mkdir -p $(dirname {path}) && echo {payload} | base64 -d > {path} && chmod {mode} {path}")
