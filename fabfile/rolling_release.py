@@ -6,7 +6,8 @@ release runs on the hosts given, as on a single VPS):
                      checked before any connection; every app host must be in the load
                      balancer and answer it /health 200 (lb.status's facts, one round
                      trip), else exit 1 and nothing changes
-    for each app host, in roles.app order:
+    for each app host, in roles.app order: the first alone, then release.roll_parallel
+    (default 1) at a time, each batch released at once over its own connections:
     1. out           the host leaves the load balancer (lb.out: graceful reload, the
                      requests it is serving finish; the others take the new ones)
     2. release       `release --sha SHA` on that host, its whole checklist: backup, staging,
@@ -17,7 +18,7 @@ release runs on the hosts given, as on a single VPS):
                      hosts after it keep that backup in their log entries
     3. in            back into the load balancer once it answers the lb /health 200
     A host that fails stops the roll and stays out of the load balancer (its own release
-    put the old one back there); hosts not reached keep the old release; the hosts done
+    put the old one back there; the others of its batch finish and go back in); hosts not reached keep the old release; the hosts done
     keep the new one (release.roll_failure: keep) or go back one at a time the same way,
     out, `rollback`, in (rollback). A table shows each host's state; exit 1 when it stopped.
     --dry: each host's release plan from its own facts, after the preflight; nothing moves.
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 
 from . import load_balancer
 from .core import balancer, layout, redact
+from .core import fleet as fleets
 from .core.batch import gather
 from .core.errors import OpsError, UsageError
 from .core.task import Ops, ops_at
@@ -83,22 +85,19 @@ def roll(ops, sha: str, release_here: Callable[..., str], **release_args) -> Non
                 release_here(host_ops, sha=sha, **release_args)
         return
 
-    stopped, shared = None, {"shared_backup": ""}
-    for host in hosts:
-        started = time.monotonic()
-        try:
-            # A database shared on roles.db is backed up (and migrated) by the first host's
-            # release; the hosts after it are handed that backup and find the schema current.
-            def release_host(host_ops: Ops) -> None:
-                shared["shared_backup"] = release_here(host_ops, sha=sha, **release_args, **shared) or shared["shared_backup"]
+    shared = {"shared_backup": ""}
 
-            through_host(ops, host, release_host)
-            host.state = RELEASED
-        except OpsError as exc:
-            host.state, host.why, stopped = FAILED, exc.one_line(), host
-        host.seconds = time.monotonic() - started
-        if stopped:
+    def release_on(host_ops: Ops) -> None:
+        # A database shared on roles.db is backed up (and migrated) by the first host's
+        # release; the hosts after it are handed that backup and find the schema current.
+        shared["shared_backup"] = release_here(host_ops, sha=sha, **release_args, **shared) or shared["shared_backup"]
+
+    failed: list[HostRoll] = []
+    for batch in batches(hosts, int(ops.settings.require("release.roll_parallel"))):
+        failed = release_batch(ops, batch, release_on)
+        if failed:
             break
+    stopped = failed[0] if failed else None
     if stopped and on_failure == ROLLBACK:
         for host in [h for h in hosts if h.state == RELEASED]:
             try:
@@ -116,6 +115,54 @@ def roll(ops, sha: str, release_here: Callable[..., str], **release_args) -> Non
 def rollback_here(ops) -> None:
     """`rollback` (to the release before) on the host `ops` works on."""
     rollback.body.__wrapped__(ops)
+
+
+def batches(hosts: list[HostRoll], at_once: int) -> list[list[HostRoll]]:
+    """The first host alone (it proves the release, and migrates a shared database, before
+    more hosts go out), then `at_once` at a time. Pure. The first host is back in before
+    the next batch goes out, so one host always serves."""
+    return [hosts[:1]] + [hosts[i:i + at_once] for i in range(1, len(hosts), at_once)]
+
+
+def release_batch(ops, batch: list[HostRoll], work: Callable[[Ops], None]) -> list[HostRoll]:
+    """Out of the load balancer, released, back in; the hosts that failed (they stay out).
+    One host runs with its output as it comes; several run at once (core/fleet.run, one
+    connection each), each host's output shown after it, in roles.app order."""
+    started = time.monotonic()
+    if len(batch) == 1:
+        try:
+            through_host(ops, batch[0], work)
+            batch[0].state = RELEASED
+        except OpsError as exc:
+            batch[0].state, batch[0].why = FAILED, exc.one_line()
+    else:
+        out = []
+        for host in batch:  # one reload each: the lb's include is changed by one writer
+            try:
+                load_balancer.move(ops, host.address, leaving=True)
+                out.append(host)
+            except OpsError as exc:
+                host.state, host.why = FAILED, exc.one_line()
+        members = [layout.Member(layout.parse_login(host.login), (balancer.APP,)) for host in out]
+
+        def on_host(member: layout.Member) -> None:
+            with ops_at(ops.context, member.login.login, ops.settings, json=ops.json, diff=ops.diff) as host_ops:
+                work(host_ops)
+
+        for host, result in zip(out, fleets.run(members, on_host, parallel=len(members)), strict=True):
+            for line in result.output:
+                print(line, flush=True)
+            if result.status != fleets.OK:
+                host.state, host.why = FAILED, result.line
+                continue
+            try:
+                load_balancer.move(ops, host.address, leaving=False)
+                host.state = RELEASED
+            except OpsError as exc:
+                host.state, host.why = FAILED, exc.one_line()
+    for host in batch:
+        host.seconds = time.monotonic() - started
+    return [host for host in batch if host.state == FAILED]
 
 
 def through_host(ops, host: HostRoll, work: Callable[[Ops], None]) -> None:

@@ -318,6 +318,7 @@ RULES: dict[str, Rule] = {
     "db.wal_keep_max": Rule("a size PostgreSQL reads, like 512MB or 2GB", _matches(r"[1-9][0-9]{0,6}(kB|MB|GB|TB)")),
     "db.standby_timeout": Rule("a whole number of seconds from 10 to 3600", _whole_number(10, 3600)),
     "release.roll_failure": Rule("keep or rollback", lambda v: v in ("keep", "rollback")),
+    "release.roll_parallel": Rule("a whole number of app hosts from 1 to 50", _whole_number(1, 50)),
     # The load balancer (core/balancer.py): where app hosts listen for it, how long a failed host rests.
     "lb.backend_port": Rule("a port from 1024 to 65535", _whole_number(1024, 65535)),
     "lb.fail_timeout": Rule("a whole number of seconds from 1 to 300", _whole_number(1, 300)),

@@ -282,10 +282,10 @@ class Layout:
     def __init__(self, lb, apps, db, env, repo):
         self.lb, self.apps, self.db, self.env, self.repo, self.commits = lb, apps, db, env, repo, 0
 
-    def release(self, sha: str, *extra: str) -> subprocess.CompletedProcess:
+    def release(self, sha: str, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
         """`fab release` with no -H: the layout's hosts, from roles.*."""
         return subprocess.run([str(BIN / "fab"), "-i", str(self.lb.key), "release", "--sha", sha, *extra], cwd=PROJECT_DIR,
-                              capture_output=True, text=True, timeout=1500, env={**os.environ, **self.env})
+                              capture_output=True, text=True, timeout=1500, env={**os.environ, **self.env, **(env or {})})
 
     def live(self, host) -> str:
         code, out = console(host, through_nginx("/health"))
@@ -299,12 +299,12 @@ class Layout:
     def last_entry(self, host) -> dict:
         return json.loads(sh(host, "tail -n 1 /var/lib/coachntt-ops/releases.jsonl"))
 
-    def roll_under_load(self, files: dict, what: str) -> tuple[str, str, subprocess.CompletedProcess, Load]:
+    def roll_under_load(self, files: dict, what: str, env: dict | None = None) -> tuple[str, str, subprocess.CompletedProcess, Load]:
         """A new commit changing `files`, rolled out while the load runs through the lb:
         (the release serving before, the new sha, the release's result, the load)."""
         before, new = self.live(self.apps[0]), self.new_sha(files)
         with Load(self.lb.ip, workers=3) as load:
-            result = self.release(new)
+            result = self.release(new, env=env)
         print(f"\n{what} {before[:12]} -> {new[:12]} under load: {load.summary()}")
         return before, new, result, load
 
@@ -347,7 +347,9 @@ def layout(vps_factory_module, tmp_path_factory):
 @ROLLING
 def test_a_release_rolled_over_three_app_hosts_sharing_one_db_fails_no_request(layout):
     migration = {"migrations/0004_rolled_once.sql": "CREATE TABLE rolled_once (n int);\nINSERT INTO rolled_once VALUES (1);\n"}
-    before, new, result, load = layout.roll_under_load({"RELEASE": "rolled\n", **migration}, "a rolling release")
+    # The first host alone, then the other two at once (release.roll_parallel 2).
+    before, new, result, load = layout.roll_under_load({"RELEASE": "rolled\n", **migration}, "a rolling release",
+                                                       env={"COACHNTT_RELEASE__ROLL_PARALLEL": "2"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert not load.failed(), load.summary()
     assert len(load.answers) >= 200 and not load.hit_bound, load.summary()
