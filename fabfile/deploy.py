@@ -44,21 +44,19 @@ from __future__ import annotations
 
 import shlex
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from datetime import UTC, datetime
 
 from invoke import Collection
 
-from .core import backups, lock, migrations, slots, state
+from .core import backups, database_location, lock, migrations, slots, state
 from .core.app import App, HostState, checkout, fetch_sha, preflight_error, release_facts, report_failed_gate, validate_sha
 from .core.batch import gather
 from .core.cutoff import phase, release_lock, settle
-from .core.errors import ConfigError, LockHeldError, OpsError, UsageError
+from .core.errors import LockHeldError, OpsError, UsageError
 from .core.fleet import READS
-from .core.layout import parse_login, role_hosts
 from .core.target import Target
-from .core.task import ops_at, ops_task
+from .core.task import ops_task
 from .deploy_setup import setup
 
 # -- deploy -------------------------------------------------------------------------
@@ -86,32 +84,6 @@ def backup_before_migrate(target: Target, app: App, sha: str, *, first_release: 
             return ""
         raise
     return path
-
-
-def database_login(ops, host: HostState) -> str:
-    """Where a release backs up the database: '' for this host, else roles.db's login when
-    DATABASE_URL names another host (an app host of a layout). Checked in the preflight:
-    the backup must be taken where the database really is, so roles.db must be that host."""
-    elsewhere = host.database_elsewhere
-    if not elsewhere:
-        return ""
-    login = (role_hosts(ops.settings.get("roles") or {}).get("db") or [""])[0]
-    parsed = parse_login(login) if login else None
-    if parsed is None or parsed.host != elsewhere.rpartition(":")[0]:
-        raise ConfigError(f"the database of {ops.where} is on {elsewhere} (DATABASE_URL), but roles.db is "
-                          f"{login or 'not set'}", "set roles.db to that host (COACHNTT_ROLES__DB=user@ADDRESS): a "
-                          "release backs the database up there before it migrates; nothing changed")
-    return login
-
-
-@contextmanager
-def database_host(ops, held: Target, login: str) -> Iterator[Target]:
-    """The host the database runs on: this one (`held`), or roles.db's (`login`)."""
-    if not login:
-        yield held
-        return
-    with ops_at(ops.context, login, ops.settings) as db_ops:
-        yield db_ops.target
 
 
 def run_hook(ops, target: Target, app: App, name: str, release: state.Release) -> None:
@@ -172,7 +144,7 @@ def deploy(ops, sha="", message="", break_lock=False, lock_wait=0, force=False):
         problem = preflight_error(host, app, ops.where)
         if problem:
             raise problem
-        db_login = database_login(ops, host)
+        db_login = database_location.backup_login(ops, host.database_elsewhere)
         current = state.current_release(host.log)
         release = state.Release(sha=sha, kind="deploy", previous=current.sha if current else "",
                                 who=state.operator(), started=state.now(), message=message)
@@ -258,7 +230,7 @@ def ship(ops, app: App, held: lock.HeldLock, release: state.Release, host: HostS
         with phase(ops, held, "pre_deploy hook"):  # may veto: nothing has changed yet
             run_hook(ops, held, app, "pre_deploy", release)
         with phase(ops, held, "backup database", db_login and f"on {db_login}, where the database runs"), \
-                database_host(ops, held, db_login) as database:
+                database_location.on_host(ops, held, db_login) as database:
             release.backup = backup_before_migrate(database, app, sha, first_release=first_release and not db_login)
         build_and_migrate(held, app, release, layout, lambda name, reason="": phase(ops, held, name, reason), breaking=breaking,
                           database_elsewhere=host.database_elsewhere)

@@ -46,7 +46,7 @@ from invoke import Collection
 from . import backup as backup_task
 from . import deploy as deploy_task
 from . import rolling_release
-from .core import backups, checks, lock, redact, slots, state
+from .core import backups, checks, database_location, lock, redact, slots, state
 from .core import release_checklist as checklist
 from .core import watch as watching
 from .core.app import App, HostState, checkout, fetch_sha, preflight_error, report_failed_gate, validate_sha
@@ -68,7 +68,7 @@ class Run:
         self.ops, self.app, self.cfg = ops, app, cfg
         # A rolling release past its first host: the shared database's backup it took (on roles.db).
         self.shared_backup = shared_backup
-        self.db_login = ""  # roles.db's login when the database runs there (deploy.database_login)
+        self.db_login = ""  # roles.db's login when the database runs there (core/database_location.py)
         self.database_elsewhere = ""
         self.results: list[checklist.PhaseResult] = []
         self.held: lock.HeldLock | None = None
@@ -127,7 +127,7 @@ class Run:
             problem = preflight_error(host, app, ops.where)
             if problem:
                 raise problem
-            self.db_login, self.database_elsewhere = deploy_task.database_login(ops, host), host.database_elsewhere
+            self.db_login, self.database_elsewhere = database_location.backup_login(ops, host.database_elsewhere), host.database_elsewhere
             failures, warnings = checklist.preflight_verdict(found)
             if failures:
                 raise OpsError(f"the host is past its thresholds: {checklist.words(failures)}",
@@ -214,7 +214,7 @@ class Run:
         if db_login and self.shared_backup:
             entry.backup = self.shared_backup
             return f"the shared database was backed up before this roll's first host: {self.shared_backup}"
-        with deploy_task.database_host(self.ops, self.held, db_login) as database:
+        with database_location.on_host(self.ops, self.held, db_login) as database:
             entry.backup = deploy_task.backup_before_migrate(database, self.app, entry.sha,
                                                              first_release=first_release and not db_login)
             where = f" on {db_login}" if db_login else ""

@@ -20,7 +20,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from . import redact, slots, state, templates
+from . import database_location, redact, slots, state, templates
 from .batch import ProbeResult, gather
 from .errors import ConfigError, OpsError, UsageError
 from .settings import Settings
@@ -189,21 +189,7 @@ class HostState:
     def database_elsewhere(self) -> str:
         """'HOST:PORT' when DATABASE_URL names another host (an app host of a layout whose
         database runs on roles.db), '' when the database container runs here."""
-        return database_elsewhere(self.facts["database"])
-
-
-def database_elsewhere(fact: ProbeResult) -> str:
-    """The location line of scripts/database-location.sh's database_ready, as above."""
-    first = fact.stdout.strip().partition("\n")[0]
-    return first.removeprefix("elsewhere ").strip() if first.startswith("elsewhere ") else ""
-
-
-def database_probe(app: App) -> str:
-    """Where the app's database is, and whether it answers (scripts/database-location.sh):
-    pg_isready inside the container here, so a paused or wedged PostgreSQL fails it too."""
-    args = " ".join(shlex.quote(a) for a in (app.env_path, app.db_container, app.db_user, app.db_name))
-    text = templates.script("database-location.sh") + '\ndatabase_ready "$@"'
-    return f"sh -c {shlex.quote(text)} database {args}"
+        return database_location.elsewhere(self.facts["database"])
 
 
 def release_probes(app: App) -> dict[str, str]:
@@ -215,7 +201,7 @@ def release_probes(app: App) -> dict[str, str]:
         "head": f"git -C {directory} rev-parse HEAD",
         "env": f"test -f {shlex.quote(app.env_path)}",
         "docker": "docker info --format '{{.ServerVersion}}'",
-        "database": database_probe(app),
+        "database": database_location.probe(app),
         "disk": f"df -P {directory} {shlex.quote(app.backup_dir)} | awk 'NR > 1 {{print $6, $5}}'",
     }
 

@@ -30,8 +30,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 
-from . import backups, certificates, layout, slots, templates
-from .app import database_elsewhere
+from . import backups, certificates, database_location, layout, slots, templates
 from .batch import ProbeResult, parse_batch
 from .settings import Settings
 from .target import Target, command_failed
@@ -176,7 +175,7 @@ def evaluate(facts: Mapping[str, ProbeResult], cfg: CheckConfig) -> list[Check]:
     fix = remedies(cfg, live.service)
     now = _int(facts["now"].stdout.strip())
     # An app host of a layout: PostgreSQL, PgBouncer and the backups are the db host's rows.
-    here = not database_elsewhere(facts["database"])
+    here = not database_location.elsewhere(facts["database"])
     return [
         api_health(facts["health"], cfg, fix),
         database(facts["database"], cfg, fix),
@@ -210,7 +209,7 @@ def api_health(fact: ProbeResult, cfg: CheckConfig, fix: dict[str, str]) -> Chec
 def database(fact: ProbeResult, cfg: CheckConfig, fix: dict[str, str]) -> Check:
     """The probe answers as pg_isready would (scripts/monitor-check.sh): 0 accepting,
     1 rejecting (starting up, shutting down), 2 no response or the container not running."""
-    elsewhere = database_elsewhere(fact)
+    elsewhere = database_location.elsewhere(fact)
     lines = fact.stdout.strip().splitlines()[1 if elsewhere else 0:]
     said, name = (lines[0].strip() if lines else ""), (f"{elsewhere} (roles.db)" if elsewhere else cfg.db_container)
     if fact.ok:

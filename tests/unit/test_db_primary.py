@@ -13,7 +13,7 @@ import pytest
 from fabfile import db
 from fabfile import deploy as deploy_task
 from fabfile.core import app as app_module
-from fabfile.core import checks
+from fabfile.core import checks, database_location
 from fabfile.core.app import App, HostState, preflight_error
 from fabfile.core.batch import ProbeResult
 from fabfile.core.errors import ConfigError, OpsError, UsageError
@@ -110,7 +110,7 @@ def test_the_location_is_read_from_database_url_and_never_prints_it(tmp_path, li
 
 def test_the_release_probe_is_that_script_with_every_value_quoted(defaults):
     app = App.from_settings(layout(defaults))
-    probe = app_module.database_probe(app)
+    probe = database_location.probe(app)
     assert probe.startswith("sh -c ") and probe.endswith(" database /opt/coachntt/.env.production ccp_postgres coachntt coachntt_prod")
 
 
@@ -135,12 +135,12 @@ def test_a_database_elsewhere_that_does_not_answer_stops_the_preflight(defaults,
 
 def test_the_backup_is_taken_on_roles_db_only_when_it_is_the_host_database_url_names(defaults):
     ops = Ops(layout(defaults))
-    assert deploy_task.database_login(ops, host_state(("elsewhere 10.201.0.20:5432", 0))) == PRIMARY
-    assert deploy_task.database_login(ops, host_state(("here", 0))) == ""
+    assert database_location.backup_login(ops, host_state(("elsewhere 10.201.0.20:5432", 0)).database_elsewhere) == PRIMARY
+    assert database_location.backup_login(ops, host_state(("here", 0)).database_elsewhere) == ""
     with pytest.raises(ConfigError, match=r"is on 10.201.0.99:5432 \(DATABASE_URL\), but roles.db is coachntt@10.201.0.20"):
-        deploy_task.database_login(ops, host_state(("elsewhere 10.201.0.99:5432", 0)))
+        database_location.backup_login(ops, host_state(("elsewhere 10.201.0.99:5432", 0)).database_elsewhere)
     with pytest.raises(ConfigError, match="roles.db is not set"):
-        deploy_task.database_login(Ops(layout(defaults, db="", app=[])), host_state(("elsewhere 10.201.0.20:5432", 0)))
+        database_location.backup_login(Ops(layout(defaults, db="", app=[])), "10.201.0.20:5432")
 
 
 def test_breaking_migrations_on_a_shared_database_are_refused(defaults, fake_host):
