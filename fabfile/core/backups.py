@@ -24,7 +24,8 @@ import shlex
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from . import redact, templates
+from . import database_location, redact, templates
+from .batch import ProbeResult
 from .errors import OpsError, UsageError
 from .target import Target, command_failed
 
@@ -233,6 +234,12 @@ def dump(target: Target, app, label: str, *, min_free_mb: int, tool: str) -> tup
     result = target.run(_script("dump", app.db_container, app.db_user, app.db_name, app.backup_dir, label,
                                 app.state_dir, str(min_free_mb), tool), user=app.owner, check=False, timeout=3600)
     if result.exit_status == NO_CONTAINER:
+        # An app host of a layout has no database of its own: starting one would be wrong advice.
+        located = target.run(database_location.probe(app), check=False)
+        at = database_location.elsewhere(ProbeResult(located.stdout, located.exit_status))
+        if at:
+            raise UsageError(f"the database of {target.label} runs on {at} (its DATABASE_URL), not here",
+                             "back it up on that host (fab -H USER@HOST backup.now, roles.db); nothing changed")
         raise NoDatabase(f"the database container {app.db_container} is not running on {target.label}",
                          "start it (`docker compose up -d postgres` in the app directory); nothing changed")
     if result.exit_status == NO_DIRECTORY:

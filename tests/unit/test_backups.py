@@ -212,6 +212,15 @@ def test_no_database_container_is_no_backup_on_a_first_release_only(app, fake_ho
     assert "not running" in info.value.one_line()
 
 
+def test_an_app_host_whose_database_runs_elsewhere_is_told_where_to_back_it_up(app, fake_host):
+    host = fake_host(replies={"backup-db dump": (3, "", "no running database container ccp_postgres"),
+                              "database_ready": (1, "elsewhere 10.201.0.20:5432\n", "")})
+    with pytest.raises(backups.UsageError) as info:
+        backups.dump(host, app, "manual", min_free_mb=64, tool=backups.TOOL)
+    assert "runs on 10.201.0.20:5432 (its DATABASE_URL), not here" in info.value.one_line()
+    assert "docker compose up" not in info.value.one_line(), "never the advice to start a database of its own"
+
+
 def test_a_failed_dump_is_its_own_last_line(app, fake_host):
     host = fake_host(replies={"backup-db dump": (1, "", "  \n  pg_dump of coachntt_prod failed: no space left in /backups\n")})
     with pytest.raises(OpsError) as info:
