@@ -213,7 +213,7 @@ class Run:
         entry, db_login = self.entry, self.db_login
         if db_login and self.shared_backup:
             entry.backup = self.shared_backup
-            return f"the shared database was backed up before this roll's first host: {self.shared_backup}"
+            return f"the shared database was backed up by this roll's first host: {self.shared_backup}"
         with database_location.on_host(self.ops, self.held, db_login) as database:
             entry.backup = deploy_task.backup_before_migrate(database, self.app, entry.sha,
                                                              first_release=first_release and not db_login)
