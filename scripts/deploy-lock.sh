@@ -32,11 +32,25 @@ lock="$state_dir/deploy.lock"
 log="$state_dir/releases.jsonl"
 
 # Kept as text so the detached phase below defines the very same functions.
-#   alive PID            a process that exists and is no zombie (reaping may lag in containers);
-#                        /proc, not kill -0: it may run as another user than the one asking
+#   identity PID         "PID START BOOT": the process's start time (clock ticks since boot) and
+#                        the boot's id, what job.pid and job.waiter hold (written whole: a
+#                        .new file renamed, so no reader sees it half written)
+#   alive "PID [START BOOT]"  that very process exists and is no zombie (reaping may lag in
+#                        containers); after a reboot, or once its number is reused, another
+#                        process with that PID is not it. /proc, not kill -0: it may run as
+#                        another user than the one asking
 #   record ENTRY STATUS  append the interrupted release to the log, once
-shared_functions='alive() {
-    proc_state=$(sed "s/.*) //" "/proc/$1/stat" 2>/dev/null | cut -d" " -f1) && [ -n "$proc_state" ] && [ "$proc_state" != Z ]
+shared_functions='identity() {
+    printf "%s %s %s\n" "$1" "$(sed "s/.*) //" "/proc/$1/stat" | cut -d" " -f20)" "$(cat /proc/sys/kernel/random/boot_id)"
+}
+alive() {
+    set -- $1
+    [ -n "${1:-}" ] || return 1
+    proc_fields=$(sed "s/.*) //" "/proc/$1/stat" 2>/dev/null) || return 1
+    proc_state=${proc_fields%% *}
+    [ -n "$proc_state" ] && [ "$proc_state" != Z ] || return 1
+    [ -z "${2:-}" ] || [ "$(printf "%s" "$proc_fields" | cut -d" " -f20)" = "$2" ] || return 1
+    [ -z "${3:-}" ] || [ "$(cat /proc/sys/kernel/random/boot_id)" = "$3" ]
 }
 record() {
     [ -n "$1" ] && [ ! -e "$lock/recorded" ] || return 0
@@ -60,7 +74,7 @@ status() {
         echo "job=none"
     fi
     [ ! -f "$lock/job.phase" ] || echo "phase=$(cat "$lock/job.phase")"
-    [ ! -f "$lock/job.pid" ] || echo "job_pid=$(cat "$lock/job.pid")"
+    [ ! -f "$lock/job.pid" ] || echo "job_pid=$(cut -d' ' -f1 "$lock/job.pid")"
     # The waiter lives as long as the client that started the phase is connected.
     if [ -f "$lock/job.waiter" ] && alive "$(cat "$lock/job.waiter")"; then echo "client=connected"; fi
     [ ! -e "$lock/recorded" ] || echo "recorded=yes"
@@ -113,14 +127,14 @@ run)
     [ -d "$lock" ] || { echo "the deploy lock is gone: $phase not started" >&2; exit 75; }
     if running; then echo "phase $(cat "$lock/job.phase") still runs under the deploy lock" >&2; exit 75; fi
     rm -f "$lock/job.status" "$lock/job.out" "$lock/job.err" "$lock/job.pid"
-    echo $$ > "$lock/job.waiter"
+    identity $$ > "$lock/job.waiter.new" && mv "$lock/job.waiter.new" "$lock/job.waiter"
     printf '%s\n' "$phase" > "$lock/job.phase"
     [ -z "$entry" ] || printf '%s\n' "$entry" > "$lock/release.json"
     # setsid: a session of its own, out of reach of the ssh session's end.
     setsid sh -c '
         lock=$1 timeout=$2 command=$3 entry=$4 log=$5
-        echo $$ > "$lock/job.pid"
         eval "$6"
+        identity $$ > "$lock/job.pid.new" && mv "$lock/job.pid.new" "$lock/job.pid"
         timeout --kill-after=10 "$timeout" sh -c "$command" < /dev/null
         status=$?
         # Decide before the status is written: the waiter leaves as soon as it
@@ -147,12 +161,12 @@ run)
 wait)
     seconds=$3
     end=$(( $(date +%s) + seconds ))
-    [ ! -d "$lock" ] || echo $$ > "$lock/job.waiter"
+    [ ! -d "$lock" ] || { identity $$ > "$lock/job.waiter.new" && mv "$lock/job.waiter.new" "$lock/job.waiter"; }
     while running && [ "$(date +%s)" -lt "$end" ]; do
         sleep 0.5
         printf ' ' >&2 || exit 141  # the client went away again: let the phase record it
     done
-    if running; then echo "running $(cat "$lock/job.phase") $(cat "$lock/job.pid")"; exit 4; fi
+    if running; then echo "running $(cat "$lock/job.phase") $(cut -d' ' -f1 "$lock/job.pid")"; exit 4; fi
     echo "finished $(cat "$lock/job.phase" 2>/dev/null || echo none) $(cat "$lock/job.status" 2>/dev/null || echo -)"
     ;;
 abandon)

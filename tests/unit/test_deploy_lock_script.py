@@ -7,6 +7,7 @@ The script runs with a PATH of a few plain tools and nothing else.
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -68,3 +69,39 @@ def test_release_is_finish_without_an_entry_for_a_run_that_logs_nothing(lock_sh)
     assert lock_sh("release", "not-ours").returncode == 5 and lock_sh.lock.is_dir()
     assert lock_sh("release", "t0ken").returncode == 0, "deps' restart of Docker frees the lock it took this way"
     assert lock_sh.log.read_text() == "" and not lock_sh.lock.exists()
+
+
+# -- whose process: job.waiter and job.pid name a process by its start time and boot too ------
+
+
+def identity_of(pid: int) -> tuple[str, str]:
+    start = open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1].split()[19]
+    return start, open("/proc/sys/kernel/random/boot_id").read().strip()
+
+
+@pytest.mark.parametrize("written,connected", [
+    ("{pid} {start} {boot}", True),              # that very process: its client is there
+    ("{pid} {start} 00000000-another-boot", False),  # the same number after a reboot: not it
+    ("{pid} 1 {boot}", False),                    # the number reused by a later process: not it
+    ("{pid}", True),                              # a lock written before identities: the number alone
+    ("", False),
+])
+def test_the_client_counts_as_connected_only_while_its_very_process_runs(lock_sh, written, connected):
+    start, boot = identity_of(os.getpid())
+    (lock_sh.lock / "job.waiter").write_text(written.format(pid=os.getpid(), start=start, boot=boot) + "\n")
+    status = lock_sh("status")
+    assert status.returncode == 0, status.stderr
+    assert ("client=connected" in status.stdout.splitlines()) is connected, status.stdout
+
+
+def test_a_phase_run_under_the_lock_records_who_waits_and_who_works(tmp_path, lock_sh):
+    import shutil
+
+    for tool in ("setsid", "timeout", "mv", "sleep"):  # what `run` needs beyond the fixture's tools
+        (tmp_path / "bin" / tool).symlink_to(shutil.which(tool))
+    result = lock_sh("run", "migrate", "30", "", "echo did it")
+    assert (result.returncode, result.stdout.strip()) == (0, "did it"), result.stderr
+    pid, start, boot = (lock_sh.lock / "job.pid").read_text().split()
+    assert pid.isdigit() and start.isdigit() and boot == identity_of(os.getpid())[1]
+    assert len((lock_sh.lock / "job.waiter").read_text().split()) == 3
+    assert "job_pid=" + pid in lock_sh("status").stdout.splitlines()
