@@ -69,7 +69,6 @@ class Run:
         # A rolling release past its first host: the shared database's backup it took (on roles.db).
         self.shared_backup = shared_backup
         self.db_login = ""  # roles.db's login when the database runs there (core/database_location.py)
-        self.database_elsewhere = ""
         self.results: list[checklist.PhaseResult] = []
         self.held: lock.HeldLock | None = None
         self.entry: state.Release | None = None
@@ -127,7 +126,7 @@ class Run:
             problem = preflight_error(host, app, ops.where)
             if problem:
                 raise problem
-            self.db_login, self.database_elsewhere = database_location.backup_login(ops, host.database_elsewhere), host.database_elsewhere
+            self.db_login = database_location.backup_login(ops, host.database_elsewhere)
             failures, warnings = checklist.preflight_verdict(found)
             if failures:
                 raise OpsError(f"the host is past its thresholds: {checklist.words(failures)}",
@@ -187,7 +186,7 @@ class Run:
                 said["reason"] = tried.reason if tried.skipped else f"health {tried.health}, smoke {tried.smoke}"
             with self.phase("deploy") as said:
                 deploy_task.build_and_migrate(held, app, entry, layout, self.step, breaking=self.breaking,
-                                              database_elsewhere=self.database_elsewhere)
+                                              database_elsewhere=host.database_elsewhere)
                 self.cutover(layout)
                 said["reason"] = f"{entry.sha[:12]} serves from {self.new_slot} (schema {entry.schema or '?'})"
             self.verify(first_release=first_release)

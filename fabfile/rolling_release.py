@@ -18,9 +18,9 @@ release runs on the hosts given, as on a single VPS):
                      hosts after it keep that backup in their log entries
     3. in            back into the load balancer once it answers the lb /health 200
     A host that fails stops the roll and stays out of the load balancer (its own release
-    put the old one back there; the others of its batch finish and go back in); hosts not reached keep the old release; the hosts done
-    keep the new one (release.roll_failure: keep) or go back one at a time the same way,
-    out, `rollback`, in (rollback). A table shows each host's state; exit 1 when it stopped.
+    put the old one back there; the others of its batch finish and go back in); hosts not
+    reached keep the old release; the hosts done keep the new one (release.roll_failure:
+    keep) or go back one at a time the same way, out, `rollback`, in (rollback). A table shows each host's state; exit 1 when it stopped.
     --dry: each host's release plan from its own facts, after the preflight; nothing moves.
 """
 
@@ -85,12 +85,13 @@ def roll(ops, sha: str, release_here: Callable[..., str], **release_args) -> Non
                 release_here(host_ops, sha=sha, **release_args)
         return
 
-    shared = {"shared_backup": ""}
+    shared_backup = ""
 
     def release_on(host_ops: Ops) -> None:
         # A database shared on roles.db is backed up (and migrated) by the first host's
         # release; the hosts after it are handed that backup and find the schema current.
-        shared["shared_backup"] = release_here(host_ops, sha=sha, **release_args, **shared) or shared["shared_backup"]
+        nonlocal shared_backup
+        shared_backup = release_here(host_ops, sha=sha, shared_backup=shared_backup, **release_args) or shared_backup
 
     failed: list[HostRoll] = []
     for batch in batches(hosts, int(ops.settings.require("release.roll_parallel"))):

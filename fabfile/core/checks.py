@@ -220,7 +220,6 @@ def database(fact: ProbeResult, cfg: CheckConfig, fix: dict[str, str]) -> Check:
     return Check("database", FAIL, f"{name}: {reason}", remedy)
 
 
-
 def replication(fact: ProbeResult | None, cfg: CheckConfig, fix: dict[str, str]) -> list[Check]:
     """No row when not asked, nor on a host without the database container (an app host of
     the layout: the database row already says whether a database that should run does)."""
